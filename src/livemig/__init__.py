@@ -1,0 +1,1 @@
+"""livemig: discard-aware live migration of virtual machines."""

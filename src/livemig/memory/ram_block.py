@@ -1,0 +1,173 @@
+"""Guest RAM blocks in real host memory.
+
+A RAM block is QEMU's RAMBlock: one contiguous host mapping with a name (``idstr``) that the
+migration stream uses to address it. Two backends exist because they behave differently
+when memory is given back and when holes are read (platform notes, section 1):
+
+* ``memfd`` (default): shared file mapping. Discard punches a hole in the file; reading a
+  hole *allocates* a page, so livemig never reads holes of memfd-backed RAM.
+* ``anon``: private anonymous mapping. Discard is ``MADV_DONTNEED``; reading a discarded
+  page maps the shared zero page and allocates nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from livemig.memory import hostmem
+
+PAGE_SIZE = mmap.PAGESIZE
+BACKENDS = ("memfd", "anon")
+
+
+class RAMBlockError(ValueError):
+    """A request on a RAM block that breaks its rules (alignment, bounds)."""
+
+
+class RAMBlock:
+    """One guest RAM block: ``idstr``, used/max length, page size and host mapping."""
+
+    def __init__(
+        self,
+        idstr: str,
+        size: int,
+        backend: str = "memfd",
+        max_length: int | None = None,
+        page_size: int = PAGE_SIZE,
+    ):
+        if backend not in BACKENDS:
+            raise RAMBlockError(f"unknown RAM backend {backend!r} (expected one of {BACKENDS})")
+        if not idstr or len(idstr.encode()) > 255:
+            raise RAMBlockError("RAM block id must be 1..255 bytes")
+        max_length = size if max_length is None else max_length
+        if size <= 0 or size % page_size or max_length % page_size or max_length < size:
+            raise RAMBlockError(
+                f"RAM block {idstr!r}: size {size} and max length {max_length} must be "
+                f"positive multiples of the page size {page_size}, size <= max length"
+            )
+        self.idstr = idstr
+        self.used_length = size
+        self.max_length = max_length
+        self.page_size = page_size
+        self.backend = backend
+        self.fd = -1
+        if backend == "memfd":
+            self.fd = os.memfd_create(f"livemig:{idstr}", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, max_length)
+            self.mmap = mmap.mmap(self.fd, max_length, flags=mmap.MAP_SHARED)
+        else:
+            self.mmap = mmap.mmap(
+                -1, max_length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            )
+        self._anchor = ctypes.c_char.from_buffer(self.mmap)
+        self.host = ctypes.addressof(self._anchor)
+        self.view = memoryview(self.mmap)
+        hostmem.madvise(self.host, max_length, hostmem.MADV_HUGEPAGE, check=False)
+
+    # -- geometry -------------------------------------------------------------------------
+    @property
+    def pages(self) -> int:
+        return self.used_length // self.page_size
+
+    def check_range(self, offset: int, length: int, what: str = "range") -> None:
+        """Raise RAMBlockError unless [offset, offset+length) is page-aligned and inside."""
+        if offset < 0 or length < 0:
+            raise RAMBlockError(f"{self.idstr}: negative {what} offset/length")
+        if offset % self.page_size or length % self.page_size:
+            raise RAMBlockError(
+                f"{self.idstr}: unaligned {what} offset 0x{offset:x} length 0x{length:x} "
+                f"(page size 0x{self.page_size:x})"
+            )
+        if offset + length > self.max_length:
+            raise RAMBlockError(
+                f"{self.idstr}: overrun block: offset 0x{offset:x} + length 0x{length:x} "
+                f"> max length 0x{self.max_length:x}"
+            )
+
+    def pages_array(self, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """A (pages, page_size) uint8 numpy view of host memory; no copy."""
+        length = self.used_length - offset if length is None else length
+        self.check_range(offset, length)
+        return np.frombuffer(self.mmap, np.uint8, count=length, offset=offset).reshape(
+            -1, self.page_size
+        )
+
+    # -- discard / populate -----------------------------------------------------------------
+    def discard_range(self, offset: int, length: int) -> None:
+        """Give host memory back: the range reads as zero afterwards.
+
+        fd-backed memory punches a hole in the file (``MADV_DONTNEED`` alone would only
+        unmap the shared pages, not free them); private anonymous memory uses
+        ``MADV_DONTNEED``.
+        """
+        self.check_range(offset, length, "discard")
+        if length == 0:
+            return
+        if self.fd >= 0:
+            hostmem.punch_hole(self.fd, offset, length)
+        else:
+            hostmem.madvise(self.host + offset, length, hostmem.MADV_DONTNEED)
+
+    def populate(self, offset: int, length: int, write: bool = True) -> None:
+        """Fault pages in ahead of use (``MADV_POPULATE_WRITE``/``_READ``)."""
+        self.check_range(offset, length, "populate")
+        if length:
+            advice = hostmem.MADV_POPULATE_WRITE if write else hostmem.MADV_POPULATE_READ
+            hostmem.madvise(self.host + offset, length, advice)
+
+    # -- where is data? ---------------------------------------------------------------------
+    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """Yield (start, end) sub-ranges that may hold data; the rest are holes (zero).
+
+        For memfd this asks the file (``SEEK_DATA``/``SEEK_HOLE``), which reads nothing and
+        allocates nothing. Private anonymous memory reads holes as the zero page without
+        allocating, so the whole range is reported.
+        """
+        end = offset + length
+        if self.fd < 0:
+            if length:
+                yield offset, end
+            return
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return
+                raise
+            if data >= end:
+                return
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            yield data, hole
+            pos = hole
+
+    def allocated_bytes(self, offset: int = 0, length: int | None = None) -> int:
+        """Host memory backing [offset, offset+length): file extents or resident pages."""
+        length = self.max_length - offset if length is None else length
+        if self.fd >= 0:
+            return sum(e - s for s, e in self.data_extents(offset, length))
+        return hostmem.resident_bytes(self.host + offset, length)
+
+    def close(self) -> None:
+        """Unmap and close; the block is unusable afterwards."""
+        if self.mmap.closed:
+            return
+        self.view.release()
+        del self._anchor
+        self.mmap.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self) -> str:
+        return (
+            f"RAMBlock({self.idstr!r}, used=0x{self.used_length:x}, "
+            f"max=0x{self.max_length:x}, backend={self.backend})"
+        )
