@@ -148,6 +148,26 @@ class RAMBlock:
             yield data, hole
             pos = hole
 
+    def data_page_mask(self, pages: np.ndarray) -> np.ndarray:
+        """For sorted page indices: True where the page may hold data, False in a hole.
+
+        One ``SEEK_DATA``/``SEEK_HOLE`` walk over the span of the pages, then a vectorized
+        lookup; nothing is read.
+        """
+        if len(pages) == 0 or self.fd < 0:
+            return np.ones(len(pages), bool)
+        shift = self.page_size.bit_length() - 1
+        lo = int(pages[0]) << shift
+        hi = (int(pages[-1]) + 1) << shift
+        ext = list(self.data_extents(lo, hi - lo))
+        if not ext:
+            return np.zeros(len(pages), bool)
+        if len(ext) == 1 and ext[0] == (lo, hi):
+            return np.ones(len(pages), bool)
+        arr = np.asarray(ext, np.int64) >> shift
+        i = np.searchsorted(arr[:, 0], pages, side="right") - 1
+        return (i >= 0) & (pages < arr[np.maximum(i, 0), 1])
+
     def allocated_bytes(self, offset: int = 0, length: int | None = None) -> int:
         """Host memory backing [offset, offset+length): file extents or resident pages."""
         length = self.max_length - offset if length is None else length
@@ -156,12 +176,22 @@ class RAMBlock:
         return hostmem.resident_bytes(self.host + offset, length)
 
     def close(self) -> None:
-        """Unmap and close; the block is unusable afterwards."""
-        if self.mmap.closed:
+        """Give the memory back and unmap; the block is unusable afterwards.
+
+        The memory is released first (hole punch / DONTNEED), so it is freed even while a
+        numpy view still pins the mapping; the mapping itself then goes when the last
+        view does.
+        """
+        if self.mmap.closed or getattr(self, "_closed", False):
             return
+        self._closed = True
+        self.discard_range(0, self.max_length)
         self.view.release()
         del self._anchor
-        self.mmap.close()
+        try:
+            self.mmap.close()
+        except BufferError:
+            pass  # exported views remain; munmap happens when they are collected
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

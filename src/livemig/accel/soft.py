@@ -1,0 +1,167 @@
+"""The software accelerator: guest "vCPUs" as host threads, with TCG-like write tracking.
+
+KVM marks pages dirty in the kernel; a software guest has no MMU to do that, so every guest
+write goes through :meth:`SoftAccel.write_pages`, which performs the write in bulk (one
+numpy assignment for a batch of pages) and then sets the pages' bits in a
+:class:`~livemig.memory.dirty_log.BitmapDirtyLog` — what QEMU's TCG does with its dirty
+memory bitmap.
+
+The accelerator also checks every write against the RamDiscardManager of the target
+region: a write into discarded memory is allowed (a misbehaving guest can do it, and
+migration must then still carry that memory, reference 3.4) but it is counted, so tests can
+prove that a well-behaved workload never touched unplugged blocks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from livemig.memory.dirty_log import BitmapDirtyLog
+from livemig.memory.discard_manager import Section
+from livemig.memory.region import GuestMemoryMap, MemoryRegion
+
+
+class VcpuPauser:
+    """Lets a controller stop all vCPU threads at a safe point (between write batches).
+
+    vCPU threads call :meth:`checkpoint` between batches; :meth:`pause` returns only once
+    every registered vCPU is parked, so no guest write is in flight afterwards — which is
+    what "the guest is stopped" must mean for the final dirty sync.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._paused = True
+        self._parked = 0
+        self._members = 0
+        self._stopping = False
+
+    def join(self) -> None:
+        with self._cond:
+            self._members += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._members -= 1
+            self._cond.notify_all()
+
+    def checkpoint(self) -> bool:
+        """Park while paused; return False when the vCPU should exit."""
+        with self._cond:
+            if self._paused and not self._stopping:
+                self._parked += 1
+                self._cond.notify_all()
+                while self._paused and not self._stopping:
+                    self._cond.wait()
+                self._parked -= 1
+            return not self._stopping
+
+    def pause(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._paused = True
+            if not self._cond.wait_for(lambda: self._parked >= self._members, timeout):
+                raise TimeoutError("vCPUs did not stop in time")
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+
+class SoftAccel:
+    """Owns guest-memory writes and the dirty log for a software guest."""
+
+    name = "soft"
+
+    def __init__(self, memory: GuestMemoryMap):
+        self.memory = memory
+        self.dirty_log = BitmapDirtyLog(memory.blocks)
+        self.pauser = VcpuPauser()
+        self.discarded_writes = 0  # pages written while discarded (misbehaving guest)
+        self._threads: list[threading.Thread] = []
+
+    def write_pages(self, mr: MemoryRegion, pages: np.ndarray, data: np.ndarray) -> None:
+        """Write whole pages of one region: ``data`` is (len(pages), page_size) or broadcastable."""
+        if len(pages) == 0:
+            return
+        block = mr.block
+        if mr.rdm is not None:
+            lo, hi = int(pages.min()), int(pages.max()) + 1
+            ps = block.page_size
+            if not mr.rdm.is_populated(Section(mr, lo * ps, (hi - lo) * ps)):
+                self.discarded_writes += self._count_discarded(mr, pages)
+        view = block.pages_array(0, block.max_length)
+        first, n = int(pages[0]), len(pages)
+        if int(pages[-1]) - first + 1 == n:  # contiguous: slice copy, range mark
+            view[first : first + n] = data
+            self.dirty_log.mark_range(block, first, n)
+        else:
+            view[pages] = data
+            self.dirty_log.mark(block, pages)
+
+    @staticmethod
+    def _count_discarded(mr: MemoryRegion, pages: np.ndarray) -> int:
+        assert mr.rdm is not None
+        ps = mr.block.page_size
+        offs, sizes = mr.rdm.discarded_runs(Section(mr, 0, mr.size))
+        if not len(offs):
+            return 0
+        starts = np.asarray(offs, np.int64) // ps
+        ends = starts + np.asarray(sizes, np.int64) // ps
+        i = np.searchsorted(starts, pages, side="right") - 1
+        return int(np.count_nonzero((i >= 0) & (pages < ends[np.maximum(i, 0)])))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Write bytes at a guest-physical address (any guest access that is not a workload)."""
+        mr, off = self.memory.lookup(gpa)
+        block = mr.block
+        end = off + len(data)
+        if end > mr.size:
+            raise ValueError(f"write at 0x{gpa:x}+{len(data)} crosses the end of {mr.name}")
+        first, last = off // block.page_size, (end - 1) // block.page_size
+        pages = np.arange(first, last + 1, dtype=np.int64)
+        if mr.rdm is not None and mr.is_discarded(first * block.page_size, len(pages) * block.page_size):
+            self.discarded_writes += self._count_discarded(mr, pages)
+        block.view[off:end] = data
+        self.dirty_log.mark(block, pages)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        mr, off = self.memory.lookup(gpa)
+        return bytes(mr.block.view[off : off + length])
+
+    # -- vCPU threads ---------------------------------------------------------------------
+    def start_vcpus(self, count: int, body: Callable[[int, VcpuPauser], None]) -> None:
+        for i in range(count):
+            t = threading.Thread(target=self._vcpu_main, args=(i, body), name=f"vcpu{i}", daemon=True)
+            self._threads.append(t)
+            self.pauser.join()
+            t.start()
+
+    def _vcpu_main(self, index: int, body: Callable[[int, VcpuPauser], None]) -> None:
+        try:
+            body(index, self.pauser)
+        finally:
+            self.pauser.leave()
+
+    def pause(self) -> None:
+        self.pauser.pause()
+
+    def resume(self) -> None:
+        self.pauser.resume()
+
+    def shutdown(self) -> None:
+        self.pauser.stop()
+        for t in self._threads:
+            t.join(timeout=5)

@@ -1,0 +1,263 @@
+"""QMP commands of a livemig VM: what ``livemig vm`` serves on its ``--qmp`` socket.
+
+Commands and events follow QEMU's names and shapes, so QEMU tooling drives a livemig VM
+unchanged. livemig-specific commands carry QEMU's ``x-`` prefix for experimental
+interfaces: ``x-query-guest-checksum`` and ``x-query-ram-allocation`` exist so that a test
+or the demo can check the mission's promises from outside the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from livemig.control.qmp_server import QMPError, QMPServer
+from livemig.devices.virtio_mem import VirtioMemError
+from livemig.machine import Machine
+from livemig.memory.discard_manager import Section
+from livemig.migration import status
+from livemig.migration.channels import URIError, parse_uri
+from livemig.migration.incoming import IncomingMigration
+from livemig.migration.outgoing import OutgoingMigration
+from livemig.migration.params import Capabilities, MigrationConfigError, Parameters
+
+log = logging.getLogger(__name__)
+
+
+class VMController:
+    """Owns one machine and its migrations; registers the QMP commands."""
+
+    def __init__(self, machine: Machine, qmp: QMPServer | None = None, autostart: bool = True):
+        self.machine = machine
+        self.qmp = qmp
+        self.autostart = autostart
+        self.caps = Capabilities()
+        self.params = Parameters()
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self.quit_requested = threading.Event()
+        self._lock = threading.Lock()
+        machine.runstate_listeners.append(self._runstate_changed)
+        if machine.vmem is not None:
+            machine.vmem.on_size_change.append(self._size_changed)
+        if qmp is not None:
+            self._register(qmp)
+
+    # -- events ---------------------------------------------------------------------------------
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        if self.qmp is not None:
+            self.qmp.emit(event, data)
+
+    def _runstate_changed(self, old: str, new: str) -> None:
+        if new == "running":
+            self.emit("RESUME")
+        elif old == "running":
+            self.emit("STOP")
+
+    def _size_changed(self, vmem: Any, size: int) -> None:
+        self.emit(
+            "MEMORY_DEVICE_SIZE_CHANGE",
+            {"id": vmem.id, "size": size, "qom-path": f"/machine/peripheral/{vmem.id}"},
+        )
+
+    # -- registration ------------------------------------------------------------------------------
+    def _register(self, qmp: QMPServer) -> None:
+        for name, fn in {
+            "query-status": self.query_status,
+            "stop": self.stop,
+            "cont": self.cont,
+            "quit": self.quit,
+            "system_reset": self.system_reset,
+            "qom-get": self.qom_get,
+            "qom-set": self.qom_set,
+            "query-memory-devices": self.query_memory_devices,
+            "migrate": self.migrate,
+            "migrate-incoming": self.migrate_incoming,
+            "migrate_cancel": self.migrate_cancel,
+            "query-migrate": self.query_migrate,
+            "migrate-set-capabilities": self.migrate_set_capabilities,
+            "query-migrate-capabilities": self.query_migrate_capabilities,
+            "migrate-set-parameters": self.migrate_set_parameters,
+            "query-migrate-parameters": self.query_migrate_parameters,
+            "x-query-guest-checksum": self.x_query_guest_checksum,
+            "x-query-ram-allocation": self.x_query_ram_allocation,
+            "x-query-guest": self.x_query_guest,
+        }.items():
+            qmp.register(name, fn)
+
+    # -- run state ------------------------------------------------------------------------------------
+    def query_status(self) -> dict[str, Any]:
+        return {"running": self.machine.running, "singlestep": False, "status": self.machine.runstate}
+
+    def stop(self) -> None:
+        if self.machine.runstate == "running":
+            self.machine.stop("paused")
+
+    def cont(self) -> None:
+        st = self.machine.runstate
+        if st == "inmigrate":
+            if self.incoming is not None and self.incoming.status == status.COMPLETED:
+                pass
+            else:
+                raise QMPError("Migration is not finalized yet")
+        if st == "running":
+            return
+        if self.outgoing is not None and self.outgoing.is_running():
+            raise QMPError("Cannot continue while a migration is running")
+        self.machine.cont()
+
+    def quit(self) -> None:
+        self.quit_requested.set()
+
+    def system_reset(self) -> None:
+        if self.machine.vmem is not None:
+            self.machine.vmem.reset()
+
+    # -- QOM --------------------------------------------------------------------------------------------
+    def _vmem_for(self, path: str) -> Any:
+        vmem = self.machine.vmem
+        if vmem is None or path not in (vmem.id, f"/machine/peripheral/{vmem.id}"):
+            raise QMPError(f"Device '{path}' not found", "DeviceNotFound")
+        return vmem
+
+    _QOM_PROPS = ("requested-size", "size", "block-size", "memaddr", "node", "max-size", "memdev")
+
+    def qom_get(self, path: str, property: str) -> Any:
+        vmem = self._vmem_for(path)
+        info = vmem.info()
+        if property not in self._QOM_PROPS:
+            raise QMPError(f"Property '{property}' not found")
+        if property == "max-size":
+            return info["max-size"]
+        return info[property]
+
+    def qom_set(self, path: str, property: str, value: Any) -> None:
+        vmem = self._vmem_for(path)
+        if property in ("size", "block-size", "memaddr", "node", "max-size", "memdev"):
+            raise QMPError(f"Property '{property}' is read-only" if property != "block-size"
+                           else "'block-size' property cannot be changed after realize")
+        if property != "requested-size":
+            raise QMPError(f"Property '{property}' not found")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise QMPError("Parameter 'value' expects a size")
+        try:
+            vmem.set_requested_size(value)
+        except VirtioMemError as e:
+            raise QMPError(str(e)) from e
+
+    def query_memory_devices(self) -> list[dict[str, Any]]:
+        vmem = self.machine.vmem
+        return [] if vmem is None else [{"type": "virtio-mem", "data": vmem.info()}]
+
+    # -- migration ---------------------------------------------------------------------------------------
+    def migrate(self, uri: str | None = None, resume: bool = False, detach: bool = True,
+                blk: bool = False, inc: bool = False) -> None:
+        if uri is None:
+            raise QMPError("Parameter 'uri' is missing")
+        if resume:
+            raise QMPError("There is no postcopy migration to resume")
+        if blk or inc:
+            raise QMPError("Block migration is not supported")
+        with self._lock:
+            if self.outgoing is not None and self.outgoing.is_running():
+                raise QMPError("There's a migration process in progress")
+            if self.machine.runstate in ("inmigrate", "shutdown"):
+                raise QMPError(f"Cannot migrate a VM in state '{self.machine.runstate}'")
+            try:
+                target = parse_uri(uri)
+            except URIError as e:
+                raise QMPError(str(e)) from e
+            self.outgoing = OutgoingMigration(self.machine, target, self.caps, self.params, self.emit)
+            self.outgoing.start()
+
+    def migrate_incoming(self, uri: str) -> None:
+        with self._lock:
+            if self.machine.runstate != "inmigrate":
+                raise QMPError("'-incoming' was not specified on the command line")
+            if self.incoming is not None and self.incoming.status not in (status.FAILED,):
+                raise QMPError("The incoming migration has already been started")
+            try:
+                self.incoming = IncomingMigration(
+                    self.machine, parse_uri(uri), self.caps, self.emit, autostart=self.autostart
+                )
+            except (URIError, OSError) as e:
+                raise QMPError(f"Failed to start incoming migration: {e}") from e
+            self.incoming.start()
+
+    def migrate_cancel(self) -> None:
+        if self.outgoing is not None:
+            self.outgoing.cancel()
+
+    def query_migrate(self) -> dict[str, Any]:
+        if self.outgoing is not None:
+            return self.outgoing.info()
+        if self.incoming is not None:
+            return self.incoming.info()
+        return {}
+
+    def _config_change_allowed(self) -> None:
+        if self.outgoing is not None and self.outgoing.is_running():
+            raise QMPError("There's a migration process in progress")
+
+    def migrate_set_capabilities(self, capabilities: list) -> None:
+        self._config_change_allowed()
+        try:
+            self.caps.set(capabilities)
+        except MigrationConfigError as e:
+            raise QMPError(str(e)) from e
+
+    def query_migrate_capabilities(self) -> list[dict[str, Any]]:
+        return self.caps.query()
+
+    def migrate_set_parameters(self, **params: Any) -> None:
+        try:
+            self.params.set(params)
+        except MigrationConfigError as e:
+            raise QMPError(str(e)) from e
+
+    def query_migrate_parameters(self) -> dict[str, Any]:
+        return self.params.query()
+
+    # -- livemig extensions ------------------------------------------------------------------------------
+    def x_query_guest_checksum(self) -> dict[str, Any]:
+        """Checksum of guest memory with the vCPUs held still for the moment it takes."""
+        m = self.machine
+        was_running = m.runstate == "running"
+        if was_running:
+            m.accel.pause()
+        try:
+            return {"checksum": m.checksum()}
+        finally:
+            if was_running:
+                m.accel.resume()
+
+    def x_query_ram_allocation(self) -> list[dict[str, Any]]:
+        """Host memory behind each RAM block, and behind its discarded ranges."""
+        out = []
+        for mr in self.machine.memory.regions:
+            block = mr.block
+            entry: dict[str, Any] = {
+                "id": block.idstr,
+                "size": block.used_length,
+                "allocated": block.allocated_bytes(0, block.used_length),
+            }
+            if mr.rdm is not None:
+                offs, sizes = mr.rdm.discarded_runs(Section(mr, 0, mr.size))
+                entry["allocated-discarded"] = sum(
+                    block.allocated_bytes(int(o), int(s)) for o, s in zip(offs, sizes, strict=True)
+                )
+                entry["discarded"] = int(sum(int(s) for s in sizes))
+            out.append(entry)
+        return out
+
+    def x_query_guest(self) -> dict[str, Any]:
+        m = self.machine
+        wl = m.workload
+        return {
+            "pages-written": wl.pages_written,
+            "fill-done": wl.fill_done.is_set(),
+            "discarded-writes": m.accel.discarded_writes,
+            "driver-plugged": m.driver.plugged_size if m.driver else 0,
+            "driver-settled": bool(m.driver and m.driver._idle.is_set()),
+        }

@@ -1,0 +1,198 @@
+"""A virtual machine: guest memory, devices, an accelerator and a guest, with a run state.
+
+The machine knows nothing about migration or QMP; those layers drive it through
+``stop``/``cont``, the device-state hooks and the run state. Layout of guest-physical
+memory: base RAM ``pc.ram`` from 0 (below 4 GiB), the virtio-mem region from 4 GiB.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from livemig.accel.soft import SoftAccel
+from livemig.devices.virtio_mem import VirtioMem
+from livemig.guest.usable_memory import UsableMemory
+from livemig.guest.virtio_mem_driver import VirtioMemDriver
+from livemig.guest.workload import Workload, WorkloadConfig
+from livemig.memory.checksum import memory_checksum
+from livemig.memory.ram_block import RAMBlock
+from livemig.memory.region import FOUR_GIB, GuestMemoryMap, MemoryRegion
+
+log = logging.getLogger(__name__)
+
+MAX_BASE_RAM = 3 << 30
+RUNSTATES = (
+    "prelaunch",
+    "running",
+    "paused",
+    "inmigrate",
+    "postmigrate",
+    "finish-migrate",
+    "restore-vm",
+    "shutdown",
+)
+
+
+@dataclass
+class VirtioMemConfig:
+    id: str = "vm0"
+    size: int = 8 << 30
+    requested_size: int = 0
+    block_size: int | None = None
+    backend: str = "memfd"
+    memaddr: int | None = None
+    node: int = 0
+
+
+@dataclass
+class MachineConfig:
+    name: str = "livemig"
+    memory: int = 1 << 30
+    ram_backend: str = "memfd"
+    virtio_mem: VirtioMemConfig | None = None
+    accel: str = "soft"
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    incoming: bool = False
+
+
+class Machine:
+    def __init__(self, config: MachineConfig):
+        if config.memory <= 0 or config.memory > MAX_BASE_RAM or config.memory % (2 << 20):
+            raise ValueError(
+                f"--memory must be a positive multiple of 2 MiB up to {MAX_BASE_RAM >> 30} GiB"
+            )
+        if config.accel != "soft":
+            raise ValueError(f"accelerator {config.accel!r} is not available in this machine")
+        self.config = config
+        self.name = config.name
+        self.memory = GuestMemoryMap()
+        self.ram = self.memory.add(
+            MemoryRegion("pc.ram", RAMBlock("pc.ram", config.memory, config.ram_backend), 0)
+        )
+        self.vmem: VirtioMem | None = None
+        self.vmem_mr: MemoryRegion | None = None
+        vc = config.virtio_mem
+        if vc is not None:
+            block = RAMBlock(f"{vc.id}-memdev", vc.size, vc.backend)
+            addr = FOUR_GIB if vc.memaddr is None else vc.memaddr
+            self.vmem_mr = MemoryRegion(f"{vc.id}-memdev", block, addr)
+            self.vmem = VirtioMem(
+                vc.id,
+                self.vmem_mr,
+                requested_size=vc.requested_size,
+                block_size=vc.block_size,
+                node=vc.node,
+                incoming=config.incoming,
+            )
+            self.memory.add(self.vmem_mr)
+        self.accel = SoftAccel(self.memory)
+        self.usable = UsableMemory()
+        self.workload = Workload(self.accel, self.usable, config.workload)
+        self.driver: VirtioMemDriver | None = None
+        self.runstate = "inmigrate" if config.incoming else "prelaunch"
+        self.runstate_listeners: list[Callable[[str, str], None]] = []
+        self._lock = threading.RLock()
+        self._started = False
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def _boot_guest(self, adopt_plugged: np.ndarray | None) -> None:
+        """Start the guest side: allocator view, virtio-mem driver and vCPUs."""
+        ppb = self.ram.block.pages
+        with self.usable.lock:
+            self.usable.add(self.ram, 0, ppb)
+        if adopt_plugged is None:
+            self.workload.queue_fill(self.ram, 0, ppb)
+        if self.vmem is not None and self.vmem_mr is not None:
+            vmem = self.vmem
+            self.driver = VirtioMemDriver(
+                vmem.config_space,
+                vmem.handle_request,
+                self.vmem_mr,
+                self.usable,
+                on_plugged=self.workload.queue_fill,
+            )
+            if adopt_plugged is not None:
+                self.driver.adopt(adopt_plugged)
+            driver = self.driver
+            vmem.on_config_change.append(lambda _dev: driver.config_changed())
+            self.driver.start()
+        self.accel.start_vcpus(self.config.workload.vcpus, self.workload.vcpu)
+        self._started = True
+
+    def start(self) -> None:
+        """Power on (prelaunch -> running)."""
+        with self._lock:
+            if self._started:
+                return
+            self._boot_guest(None)
+            self._set_runstate("running")
+            self.accel.resume()
+
+    def start_incoming_guest(self) -> None:
+        """After an incoming migration loaded: the guest continues where the source stopped."""
+        with self._lock:
+            plugged = None
+            if self.vmem is not None:
+                plugged = np.zeros(self.vmem.bitmap.nbits, bool)
+                plugged[self.vmem.bitmap.indices()] = True
+            self._boot_guest(plugged)
+
+    def _set_runstate(self, state: str) -> None:
+        old, self.runstate = self.runstate, state
+        if old != state:
+            for fn in list(self.runstate_listeners):
+                try:
+                    fn(old, state)
+                except Exception:  # an observer must never break a state change
+                    log.exception("runstate listener failed")
+
+    def set_runstate(self, state: str) -> None:
+        if state not in RUNSTATES:
+            raise ValueError(state)
+        with self._lock:
+            self._set_runstate(state)
+
+    @property
+    def running(self) -> bool:
+        return self.runstate == "running"
+
+    def stop(self, new_state: str = "paused") -> None:
+        """Stop the vCPUs at a safe point; no guest write is in flight afterwards."""
+        with self._lock:
+            if self._started:
+                self.accel.pause()
+            self._set_runstate(new_state)
+
+    def cont(self) -> None:
+        with self._lock:
+            if not self._started:
+                if self.runstate == "inmigrate":
+                    raise RuntimeError("guest is waiting for an incoming migration")
+                self._boot_guest(None)
+            self._set_runstate("running")
+            self.accel.resume()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self.driver:
+                self.driver.stop()
+            self.accel.shutdown()
+            self._set_runstate("shutdown")
+
+    def close(self) -> None:
+        self.shutdown()
+        for block in self.memory.blocks:
+            block.close()
+
+    # -- inspection ------------------------------------------------------------------------------
+    def checksum(self) -> str:
+        return memory_checksum(self.memory.regions)
+
+    @property
+    def blocks(self) -> list[RAMBlock]:
+        return self.memory.blocks
