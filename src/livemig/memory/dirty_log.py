@@ -5,9 +5,11 @@ that is the one whose ordering matters (reference 3.2, 3.3):
 
 * ``sync(block)`` returns the pages written since they were last *cleared*; it does not
   clear anything (KVM_GET_DIRTY_LOG under manual protect);
-* ``clear(block, first_page, npages)`` re-arms tracking for a range: its bits drop out of
-  the log and the next write sets them again (KVM_CLEAR_DIRTY_LOG). Ranges are multiples of
-  64 pages, as KVM demands;
+* ``clear(block, first_page, npages)`` re-arms tracking for the pages of a range that the
+  last ``sync`` reported: their bits drop out of the log and the next write sets them
+  again (KVM_CLEAR_DIRTY_LOG with the synced bits as its mask, as QEMU passes it). A page
+  first written *after* the sync keeps its bit, or that write would be lost: nobody has
+  it in a migration bitmap yet. Ranges are multiples of 64 pages, as KVM demands;
 * migration clears lazily, one clear-chunk at a time, just before it sends pages of that
   chunk, and clears discarded ranges once right after the first sync.
 
@@ -71,6 +73,7 @@ class BitmapDirtyLog(DirtyLog):
     def __init__(self, blocks: list[RAMBlock]):
         self._lock = threading.Lock()
         self._maps = {b.idstr: Bitmap(b.max_length // b.page_size) for b in blocks}
+        self._reported = {b.idstr: Bitmap(b.max_length // b.page_size) for b in blocks}
         self._active = False
         self.clear_calls = 0
 
@@ -80,7 +83,7 @@ class BitmapDirtyLog(DirtyLog):
 
     def start(self) -> None:
         with self._lock:
-            for bm in self._maps.values():
+            for bm in (*self._maps.values(), *self._reported.values()):
                 bm.clear_all()
             self._active = True
 
@@ -106,12 +109,19 @@ class BitmapDirtyLog(DirtyLog):
 
     def sync(self, block: RAMBlock) -> np.ndarray:
         with self._lock:
-            return self._maps[block.idstr].words.copy()
+            words = self._maps[block.idstr].words.copy()
+            self._reported[block.idstr].words |= words
+            return words
 
     def clear(self, block: RAMBlock, first_page: int, npages: int) -> None:
         self.check_clear_range(block, first_page, npages)
+        if not npages:
+            return
+        w0, w1 = first_page // 64, (first_page + npages + 63) // 64
         with self._lock:
-            self._maps[block.idstr].clear_range(first_page, npages)
+            reported = self._reported[block.idstr].words
+            self._maps[block.idstr].words[w0:w1] &= ~reported[w0:w1]
+            reported[w0:w1] = 0
             self.clear_calls += 1
 
     def peek(self, block: RAMBlock) -> Bitmap:

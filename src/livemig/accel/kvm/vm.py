@@ -411,10 +411,12 @@ class KvmDirtyLog(DirtyLog):
     """:class:`DirtyLog` on KVM's per-slot dirty bitmap (manual-protect mode).
 
     One RAM block is one slot. ``sync`` is ``KVM_GET_DIRTY_LOG`` into a fresh array (the
-    caller owns the copy); ``clear`` is ``KVM_CLEAR_DIRTY_LOG`` with an all-ones mask over
-    the range, after the 64-page alignment check the interface demands, so a misaligned
-    range fails with ``ValueError`` before reaching the kernel (which would say ``EINVAL``).
-    The kernel serialises these ioctls itself, so no lock is needed here.
+    caller owns the copy), and the result is remembered; ``clear`` is ``KVM_CLEAR_DIRTY_LOG``
+    with the remembered bits of the range as its mask — only pages the last sync reported
+    are re-armed. An all-ones mask would lose a write that landed between the sync and the
+    clear on a page the sync had not reported: its bit would be cleared although nobody
+    has it. The 64-page alignment check comes first, so a misaligned range fails with
+    ``ValueError`` before reaching the kernel (which would say ``EINVAL``).
     """
 
     def __init__(self, vm: KvmVm, blocks: list[RAMBlock] | None = None):
@@ -428,6 +430,8 @@ class KvmDirtyLog(DirtyLog):
             if not s.log_dirty:
                 raise KvmError(f"{s.block.idstr}: slot {s.id} was added without dirty logging")
         self._slots = {s.block.idstr: s for s in slots}
+        self._reported = {s.block.idstr: np.zeros(words_for(s.npages), np.uint64) for s in slots}
+        self._lock = threading.Lock()
         self._active = False
 
     @property
@@ -445,8 +449,10 @@ class KvmDirtyLog(DirtyLog):
 
     def start(self) -> None:
         """Forget every write logged so far; from now on the log holds writes since start."""
-        for s in self._slots.values():
-            self.vm.clear_dirty_log(s.id, 0, s.npages)
+        with self._lock:
+            for s in self._slots.values():
+                self.vm.clear_dirty_log(s.id, 0, s.npages)
+                self._reported[s.block.idstr][:] = 0
         self._active = True
 
     def stop(self) -> None:
@@ -454,10 +460,20 @@ class KvmDirtyLog(DirtyLog):
         self._active = False
 
     def sync(self, block: RAMBlock) -> np.ndarray:
-        return self.vm.get_dirty_log(self._slot(block).id)
+        words = self.vm.get_dirty_log(self._slot(block).id)
+        with self._lock:
+            self._reported[block.idstr] |= words
+        return words
 
     def clear(self, block: RAMBlock, first_page: int, npages: int) -> None:
         s = self._slot(block)
         self.check_clear_range(block, first_page, npages)
-        if npages:
-            self.vm.clear_dirty_log(s.id, first_page, npages)
+        if not npages:
+            return
+        w0, w1 = first_page // 64, words_for(first_page + npages)
+        with self._lock:
+            reported = self._reported[block.idstr]
+            mask = reported[w0:w1].copy()
+            reported[w0:w1] = 0
+        if mask.any():
+            self.vm.clear_dirty_log(s.id, first_page, npages, mask)
