@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -322,9 +323,7 @@ def test_event_emitted_from_another_thread(server: QMPServer, sock_path: str):
         qmp = await connect(sock_path)
         try:
             before = time.time()
-            emitter = threading.Thread(
-                target=server.emit, args=("MIGRATION", {"status": "active"})
-            )
+            emitter = threading.Thread(target=server.emit, args=("MIGRATION", {"status": "active"}))
             emitter.start()
             emitter.join()
             after = time.time()
@@ -417,9 +416,7 @@ def test_replies_keep_per_client_order(server: QMPServer, sock_path: str):
 # ---- raw protocol edge cases
 
 
-def test_commands_before_negotiation_are_refused(
-    server: QMPServer, sock_path: str, probe: Probe
-):
+def test_commands_before_negotiation_are_refused(server: QMPServer, sock_path: str, probe: Probe):
     raw = Raw(sock_path)
     expecting = {
         "class": "CommandNotFound",
@@ -615,6 +612,24 @@ def test_socket_is_owner_only_whatever_the_umask(tmp_path: Path):
         srv.stop()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux bind() semantics")
+def test_socket_file_never_exists_with_a_wider_mode(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+):
+    """On Linux the file is born 0600, so no chmod() (and no window before it) is needed."""
+
+    def no_chmod(*args: object, **kwargs: object) -> None:
+        raise AssertionError("socket file was created with the wrong mode and needed chmod")
+
+    old = os.umask(0o022)
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    try:
+        with QMPServer(sock_path):
+            assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_stale_socket_is_replaced(sock_path: str):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(sock_path)
@@ -707,6 +722,22 @@ def test_handler_can_stop_the_server(sock_path: str):
     assert srv.wait_closed(3)
     assert not os.path.lexists(sock_path)
     raw.close()
+
+
+def test_serve_forever_returns_when_stopped(sock_path: str):
+    srv = QMPServer(sock_path)
+    runner = threading.Thread(target=srv.serve_forever)
+    runner.start()
+    try:
+        assert wait_until(lambda: os.path.lexists(sock_path))
+        raw = Raw(sock_path, negotiate=True)
+        raw.close()
+        assert runner.is_alive()
+    finally:
+        srv.stop()
+        runner.join(3)
+    assert not runner.is_alive()
+    assert not os.path.lexists(sock_path)
 
 
 def test_registration_errors(sock_path: str):

@@ -326,7 +326,7 @@ class _JSONSplitter:
         self._pos = pos - keep_from
         if self._start >= 0:
             self._start = 0
-        if False:
+        if len(buf) > _MAX_MESSAGE_BYTES:
             raise _InputOverflow("JSON parse error, message too large")
         return out
 
@@ -627,7 +627,11 @@ class QMPServer:
             self._state = "stopped"
             self._stopped.set()
             raise
-        self._state = "running"
+        with self._lock:
+            stop_requested = self._state == "stopped"  # stop() ran while we were starting
+            self._state = "running"
+        if stop_requested:
+            self.stop()
 
     def stop(self) -> None:
         """Disconnect all clients, stop the loop and remove the socket file. Idempotent.

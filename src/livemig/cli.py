@@ -1,0 +1,283 @@
+"""The ``livemig`` command line: ``vm``, ``migrate``, ``info``, ``demo`` and ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+_SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """QEMU-style sizes: ``512M``, ``8G``, ``2048`` (bytes)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B") if text else ""
+    num, suffix = (t[:-1], t[-1]) if t and t[-1] in _SUFFIX else (t, "")
+    try:
+        value = float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 512M, 8G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"size must not be negative: {text!r}")
+    return int(value * _SUFFIX[suffix])
+
+
+def parse_virtio_mem(text: str) -> Any:
+    """``id=vm0,size=8G,requested-size=1G[,block-size=2M][,backend=memfd|anon][,memaddr=..]``."""
+    from livemig.machine import VirtioMemConfig
+
+    cfg = VirtioMemConfig()
+    seen = set()
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--virtio-mem: expected key=value, got {part!r}")
+        seen.add(key)
+        if key == "id":
+            cfg.id = value
+        elif key == "size":
+            cfg.size = parse_size(value)
+        elif key == "requested-size":
+            cfg.requested_size = parse_size(value)
+        elif key == "block-size":
+            cfg.block_size = parse_size(value)
+        elif key == "backend":
+            cfg.backend = value
+        elif key == "memaddr":
+            cfg.memaddr = int(value, 0)
+        elif key == "node":
+            cfg.node = int(value)
+        else:
+            raise argparse.ArgumentTypeError(f"--virtio-mem: unknown property {key!r}")
+    if "size" not in seen:
+        raise argparse.ArgumentTypeError("--virtio-mem needs size=")
+    return cfg
+
+
+def _rate(text: str) -> int:
+    return -1 if text in ("max", "unlimited") else parse_size(text)
+
+
+# -- livemig vm --------------------------------------------------------------------------------
+def add_vm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="livemig", help="VM name")
+    p.add_argument("--memory", "-m", type=parse_size, default=1 << 30, help="base RAM (default 1G)")
+    p.add_argument("--ram-backend", choices=("memfd", "anon"), default="memfd")
+    p.add_argument("--virtio-mem", type=parse_virtio_mem, help="id=vm0,size=8G,requested-size=1G,...")
+    p.add_argument("--accel", default="soft", help="soft, kvm or auto")
+    p.add_argument("--qmp", required=True, help="unix:PATH of the QMP socket")
+    p.add_argument("--incoming", help="tcp:HOST:PORT, unix:PATH, file:PATH or defer")
+    p.add_argument("-S", dest="paused", action="store_true",
+                   help="do not start the guest (after an incoming migration: stay paused)")
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--working-set", type=parse_size, default=0, help="bytes the workload touches (0: all)")
+    p.add_argument("--dirty-rate", type=_rate, default=0, help="bytes/s the workload dirties (0: idle, max)")
+    p.add_argument("--content", choices=("random", "zeros", "mixed"), default="random")
+    p.add_argument("--no-prefill", action="store_true", help="do not write memory once at boot")
+    p.add_argument("--log", default="warning", help="log level")
+
+
+def build_machine(args: argparse.Namespace) -> Any:
+    from livemig.guest.workload import WorkloadConfig
+    from livemig.machine import Machine, MachineConfig
+
+    wl = WorkloadConfig(
+        vcpus=args.vcpus,
+        working_set=args.working_set,
+        dirty_rate=args.dirty_rate,
+        content=args.content,
+        prefill=not args.no_prefill,
+    )
+    cfg = MachineConfig(
+        name=args.name,
+        memory=args.memory,
+        ram_backend=args.ram_backend,
+        virtio_mem=args.virtio_mem,
+        accel=args.accel,
+        workload=wl,
+        incoming=args.incoming is not None,
+    )
+    return Machine(cfg)
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    from livemig.control.qmp_server import QMPServer
+    from livemig.control.vm_controller import VMController
+
+    logging.basicConfig(level=args.log.upper(), format="%(asctime)s %(name)s: %(message)s")
+    try:
+        machine = build_machine(args)
+    except ValueError as e:
+        print(f"livemig vm: {e}", file=sys.stderr)
+        return 2
+    qmp = QMPServer(args.qmp)
+    ctl = VMController(machine, qmp, autostart=not args.paused)
+    try:
+        qmp.start()
+    except OSError as e:
+        print(f"livemig vm: {e}", file=sys.stderr)
+        machine.close()
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: ctl.quit_requested.set())
+    try:
+        if args.incoming and args.incoming != "defer":
+            from livemig.control.qmp_server import QMPError
+
+            try:
+                ctl.migrate_incoming(args.incoming)
+            except QMPError as e:
+                print(f"livemig vm: {e}", file=sys.stderr)
+                return 2
+        elif not args.incoming and not args.paused:
+            machine.start()
+        while not ctl.quit_requested.wait(0.2):
+            pass
+    finally:
+        qmp.stop()
+        machine.close()
+    return 0
+
+
+# -- livemig migrate / info ----------------------------------------------------------------------
+def _progress_loop(client: Any, title: str) -> dict[str, Any]:
+    """Poll query-migrate with a progress bar until the migration finishes."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        transient=False,
+    ) as progress:
+        task = progress.add_task(title, total=None, status="setup")
+        while True:
+            info = client.execute("query-migrate")
+            st = info.get("status", "none")
+            ram = info.get("ram", {})
+            sent = ram.get("transferred", 0)
+            todo = sent + ram.get("remaining", 0)
+            progress.update(task, completed=sent, total=max(todo, 1), status=st)
+            if st in ("completed", "failed", "cancelled", "none"):
+                return info
+            time.sleep(0.1)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from livemig.control.qmp_client import QMPClient, QMPClientError
+
+    with QMPClient(args.qmp) as c:
+        params: dict[str, int] = {}
+        if args.max_bandwidth is not None:
+            params["max-bandwidth"] = args.max_bandwidth
+        if args.downtime_limit is not None:
+            params["downtime-limit"] = args.downtime_limit
+        try:
+            if params:
+                c.execute("migrate-set-parameters", **params)
+            c.execute("migrate", uri=args.uri)
+        except QMPClientError as e:
+            print(f"livemig migrate: {e.desc}", file=sys.stderr)
+            return 1
+        info = _progress_loop(c, f"migrate → {args.uri}")
+    print(json.dumps(info, indent=2) if args.json else _summary(info))
+    return 0 if info.get("status") == "completed" else 1
+
+
+def _summary(info: dict[str, Any]) -> str:
+    ram = info.get("ram", {})
+    lines = [f"status: {info.get('status')}"]
+    if "error-desc" in info:
+        lines.append(f"error: {info['error-desc']}")
+    for key, label in (("total-time", "total time (ms)"), ("downtime", "downtime (ms)"),
+                       ("setup-time", "setup time (ms)")):
+        if key in info:
+            lines.append(f"{label}: {info[key]}")
+    for key in ("transferred", "duplicate", "normal", "discarded-skipped-bytes",
+                "hole-pages-skipped", "pages-read", "dirty-sync-count"):
+        if key in ram:
+            lines.append(f"ram {key}: {ram[key]}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from livemig.control.qmp_client import QMPClient
+
+    with QMPClient(args.qmp) as c:
+        out = {
+            "status": c.execute("query-status"),
+            "memory-devices": c.execute("query-memory-devices"),
+            "migrate": c.execute("query-migrate"),
+            "ram-allocation": c.execute("x-query-ram-allocation"),
+        }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    st = out["status"]
+    print(f"status: {st['status']} (running: {st['running']})")
+    for dev in out["memory-devices"]:
+        d = dev["data"]
+        print(f"virtio-mem {d['id']}: size {d['size'] >> 20} MiB of {d['max-size'] >> 20} MiB, "
+              f"requested {d['requested-size'] >> 20} MiB, block {d['block-size'] >> 20} MiB, "
+              f"at 0x{d['memaddr']:x}")
+    for blk in out["ram-allocation"]:
+        print(f"RAM block {blk['id']}: {blk['size'] >> 20} MiB, {blk['allocated'] >> 20} MiB allocated")
+    if out["migrate"]:
+        print(_summary(out["migrate"]))
+    return 0
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    from livemig.cli_inspect import main as inspect_main
+
+    return inspect_main(argv)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from livemig.demo import run_demo
+
+    return run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "inspect":
+        return cmd_inspect(argv[1:])
+    parser = argparse.ArgumentParser(prog="livemig", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    vm = sub.add_parser("vm", help="run a VM process controlled over QMP")
+    add_vm_args(vm)
+    vm.set_defaults(func=cmd_vm)
+    mig = sub.add_parser("migrate", help="migrate a running VM (via its QMP socket)")
+    mig.add_argument("--qmp", required=True)
+    mig.add_argument("uri")
+    mig.add_argument("--max-bandwidth", type=parse_size)
+    mig.add_argument("--downtime-limit", type=int, help="ms")
+    mig.add_argument("--json", action="store_true")
+    mig.set_defaults(func=cmd_migrate)
+    info = sub.add_parser("info", help="show a VM's state (via its QMP socket)")
+    info.add_argument("--qmp", required=True)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    demo = sub.add_parser("demo", help="migrate a live VM between two processes and verify it")
+    demo.add_argument("--memory", type=parse_size, default=1 << 30)
+    demo.add_argument("--virtio-mem-size", type=parse_size, default=8 << 30)
+    demo.add_argument("--plugged", type=parse_size, default=2 << 30)
+    demo.add_argument("--dirty-rate", type=_rate, default=64 << 20)
+    demo.add_argument("--accel", default="soft")
+    demo.add_argument("--uri", default=None, help="default: tcp on a free loopback port")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.set_defaults(func=cmd_demo)
+    sub.add_parser("inspect", help="read a migration stream file (see livemig inspect --help)")
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
