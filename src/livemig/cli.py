@@ -137,6 +137,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
             machine.start()
         while not ctl.quit_requested.wait(0.2):
             pass
+        time.sleep(0.1)  # let the reply to 'quit' reach the client, as QEMU answers first
     finally:
         qmp.stop()
         machine.close()

@@ -210,9 +210,19 @@ class VMController:
     def query_migrate_capabilities(self) -> list[dict[str, Any]]:
         return self.caps.query()
 
-    def migrate_set_parameters(self, **params: Any) -> None:
+    def migrate_set_parameters(
+        self,
+        max_bandwidth: int | None = None,
+        downtime_limit: int | None = None,
+        x_clear_bitmap_shift: int | None = None,
+    ) -> None:
+        given = {
+            "max-bandwidth": max_bandwidth,
+            "downtime-limit": downtime_limit,
+            "x-clear-bitmap-shift": x_clear_bitmap_shift,
+        }
         try:
-            self.params.set(params)
+            self.params.set({k: v for k, v in given.items() if v is not None})
         except MigrationConfigError as e:
             raise QMPError(str(e)) from e
 

@@ -49,6 +49,7 @@ class Workload:
         self.counter = 0
         self._fill: deque[tuple[MemoryRegion, int, int]] = deque()
         self._fill_lock = threading.Lock()
+        self._fill_inflight = 0
         self.fill_done = threading.Event()
         self.fill_done.set()
         rng = np.random.default_rng(config.seed)
@@ -67,8 +68,10 @@ class Workload:
     def _take_fill(self, max_pages: int) -> tuple[MemoryRegion, int, int] | None:
         with self._fill_lock:
             if not self._fill:
-                self.fill_done.set()
+                if self._fill_inflight == 0:
+                    self.fill_done.set()
                 return None
+            self._fill_inflight += 1
             mr, first, n = self._fill.popleft()
             take = min(n, max_pages)
             if n > take:
@@ -126,13 +129,17 @@ class Workload:
         if job is None:
             return False
         mr, first, n = job
-        with self.usable.lock:
-            if self._still_usable(mr, first, n):
-                ps = mr.block.page_size
-                mr.block.populate(first * ps, n * ps)  # in-kernel fault-in, GIL released
-                pages = np.arange(first, first + n, dtype=np.int64)
-                self.accel.write_pages(mr, pages, self._content(rng, n))
-                self.pages_written += n
+        try:
+            with self.usable.lock:
+                if self._still_usable(mr, first, n):
+                    ps = mr.block.page_size
+                    mr.block.populate(first * ps, n * ps)  # in-kernel fault-in, GIL released
+                    pages = np.arange(first, first + n, dtype=np.int64)
+                    self.accel.write_pages(mr, pages, self._content(rng, n))
+                    self.pages_written += n
+        finally:
+            with self._fill_lock:
+                self._fill_inflight -= 1
         return True
 
     def _do_batch(self, rng: np.random.Generator) -> int:

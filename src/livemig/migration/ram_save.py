@@ -141,17 +141,23 @@ class RamSaver:
             w.put_be64(b.block.used_length)
         w.put_be64(RamFlag.EOS)
 
-    def init_bitmaps(self, start_dirty_log: bool = True) -> None:
-        """Steps 1-3 of the module docstring."""
+    def init_bitmaps(self, start_log: bool = True, sync: bool = True) -> None:
+        """Steps 1-3 of the module docstring.
+
+        A background snapshot neither starts the log nor syncs (``sync=False``); a caller
+        whose log is already running skips only the start.
+        """
         self.dirty_pages = 0
         for b in self.blocks:
             b.bmap.clear_all()
             b.bmap.set_range(0, b.used_pages)
             b.clear_bmap.clear_all()
             self.dirty_pages += b.used_pages
-        if start_dirty_log and self.dirty_log is not None:
-            self.dirty_log.start()
-            self.sync()
+        if self.dirty_log is not None:
+            if start_log:
+                self.dirty_log.start()
+            if sync:
+                self.sync()
         self.clear_discarded()
 
     def clear_discarded(self) -> int:
