@@ -2,11 +2,14 @@
 
 The machine knows nothing about migration or QMP; those layers drive it through
 ``stop``/``cont``, the device-state hooks and the run state. Layout of guest-physical
-memory: base RAM ``pc.ram`` from 0 (below 4 GiB), the virtio-mem region from 4 GiB.
+memory: base RAM ``pc.ram`` from 0 (below 4 GiB), the virtio-mem region from 4 GiB — or,
+with ``--accel kvm``, right after base RAM and below 4 GiB (``accel.factory``), because the
+KVM guest runs without paging.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -14,14 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from livemig.accel.soft import SoftAccel
+from livemig.accel import factory
 from livemig.devices.virtio_mem import VirtioMem
 from livemig.guest.usable_memory import UsableMemory
 from livemig.guest.virtio_mem_driver import VirtioMemDriver
-from livemig.guest.workload import Workload, WorkloadConfig
+from livemig.guest.workload import WorkloadConfig
 from livemig.memory.checksum import memory_checksum
 from livemig.memory.ram_block import RAMBlock
-from livemig.memory.region import FOUR_GIB, GuestMemoryMap, MemoryRegion
+from livemig.memory.region import GuestMemoryMap, MemoryRegion
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,8 @@ class Machine:
             raise ValueError(
                 f"--memory must be a positive multiple of 2 MiB up to {MAX_BASE_RAM >> 30} GiB"
             )
-        if config.accel != "soft":
-            raise ValueError(f"accelerator {config.accel!r} is not available in this machine")
+        accel = factory.resolve(config.accel)  # "auto" becomes what runs (machine type)
+        config = dataclasses.replace(config, accel=accel)
         self.config = config
         self.name = config.name
         self.memory = GuestMemoryMap()
@@ -78,8 +81,10 @@ class Machine:
         self.vmem_mr: MemoryRegion | None = None
         vc = config.virtio_mem
         if vc is not None:
+            addr = vc.memaddr
+            if addr is None:
+                addr = factory.device_memory_addr(accel, config.memory, vc.size, vc.block_size)
             block = RAMBlock(f"{vc.id}-memdev", vc.size, vc.backend)
-            addr = FOUR_GIB if vc.memaddr is None else vc.memaddr
             self.vmem_mr = MemoryRegion(f"{vc.id}-memdev", block, addr)
             self.vmem = VirtioMem(
                 vc.id,
@@ -90,9 +95,10 @@ class Machine:
                 incoming=config.incoming,
             )
             self.memory.add(self.vmem_mr)
-        self.accel = SoftAccel(self.memory)
         self.usable = UsableMemory()
-        self.workload = Workload(self.accel, self.usable, config.workload)
+        self.accel, self.workload = factory.create(
+            accel, self.memory, self.usable, config.workload, config.incoming
+        )
         self.driver: VirtioMemDriver | None = None
         self.runstate = "inmigrate" if config.incoming else "prelaunch"
         self.runstate_listeners: list[Callable[[str, str], None]] = []

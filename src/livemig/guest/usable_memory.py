@@ -5,11 +5,18 @@ become usable only after the device ACKed a PLUG, and stop being usable *before*
 driver asks to UNPLUG them (Linux offlines memory first). The lock is the equivalent of
 memory offlining: the workload holds it for each write batch, so once the driver has
 removed a range under the lock, no write to it can still be in flight.
+
+A guest whose vCPUs write without taking the lock (a KVM guest runs its own code and only
+comes back to the host now and then) cannot give that guarantee by the lock alone. It sets
+:attr:`UsableMemory.quiesce_hook`, which the driver calls through :meth:`quiesce` after a
+removal and before UNPLUG; the hook returns once the vCPUs can no longer write what was
+removed. Without a hook (the soft guest) :meth:`quiesce` returns at once.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +37,17 @@ class UsableMemory:
         self._ranges: list[UsableRange] = []
         self._cum = np.zeros(1, np.int64)
         self.generation = 0
+        self.quiesce_hook: Callable[[Callable[[], bool]], bool] | None = None
+
+    def quiesce(self, cancelled: Callable[[], bool] = lambda: False) -> bool:
+        """After a removal, wait until no vCPU can still write the removed ranges.
+
+        Call with ``lock`` released (the hook's guest may need it to make progress). True
+        when that holds; False if ``cancelled()`` became true first or the guest is going
+        away — the caller must then not give the memory back.
+        """
+        hook = self.quiesce_hook
+        return True if hook is None else hook(cancelled)
 
     def _rebuild(self) -> None:
         self._ranges.sort(key=lambda r: (r.mr.addr, r.first_page))

@@ -4,8 +4,10 @@ It reads the device's config space, and whenever ``requested_size`` differs from
 has plugged, it sends raw ``virtio_mem_req`` PLUG or UNPLUG requests for chunks of blocks:
 
 * plug: request first, and only on ACK hand the blocks to the guest's allocator;
-* unplug: take the blocks away from the allocator first (so nothing writes them any more),
-  then request; on BUSY (a migration is running) or an error, give them back and retry.
+* unplug: take the blocks away from the allocator first (so nothing writes them any more:
+  for a guest whose vCPUs do not take the allocator lock, ``UsableMemory.quiesce`` waits
+  until they are done with the blocks), then request; on BUSY (a migration is running) or
+  an error, give them back and retry.
 
 This ordering is what guarantees that a well-behaved guest never writes unplugged memory.
 """
@@ -178,7 +180,9 @@ class VirtioMemDriver:
         ppb = self.block_size // self.mr.block.page_size
         with self.usable.lock:  # offline first: no write can target these blocks any more
             self.usable.remove(self.mr, first * ppb, nb * ppb)
-        code = self._request(REQ_UNPLUG, first, nb)
+        # vCPUs that write without the lock (KVM) must be done with the blocks too
+        quiesced = self.usable.quiesce(self._stop.is_set)
+        code = self._request(REQ_UNPLUG, first, nb) if quiesced else RESP_ERROR
         if code != RESP_ACK:
             with self.usable.lock:
                 self.usable.add(self.mr, first * ppb, nb * ppb)

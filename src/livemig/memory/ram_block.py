@@ -148,25 +148,40 @@ class RAMBlock:
             yield data, hole
             pos = hole
 
+    def data_extent_pages(self, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Data extents of [offset, offset+length) as an (n, 2) array of [first, end) pages.
+
+        One ``SEEK_DATA``/``SEEK_HOLE`` walk; each call scans the file from its position to
+        the next hole or data, so callers should walk a range once and reuse the result
+        rather than probe piece by piece (that is quadratic on a populated file).
+        """
+        length = self.used_length - offset if length is None else length
+        shift = self.page_size.bit_length() - 1
+        ext = list(self.data_extents(offset, length))
+        if not ext:
+            return np.zeros((0, 2), np.int64)
+        return np.asarray(ext, np.int64) >> shift
+
+    @staticmethod
+    def pages_in_extents(pages: np.ndarray, extents: np.ndarray) -> np.ndarray:
+        """For sorted page indices: True where the page lies in one of ``extents``."""
+        if len(extents) == 0:
+            return np.zeros(len(pages), bool)
+        i = np.searchsorted(extents[:, 0], pages, side="right") - 1
+        return (i >= 0) & (pages < extents[np.maximum(i, 0), 1])
+
     def data_page_mask(self, pages: np.ndarray) -> np.ndarray:
         """For sorted page indices: True where the page may hold data, False in a hole.
 
-        One ``SEEK_DATA``/``SEEK_HOLE`` walk over the span of the pages, then a vectorized
-        lookup; nothing is read.
+        Nothing is read. Walks the span of ``pages``; for many calls over one block, take
+        :meth:`data_extent_pages` once and use :meth:`pages_in_extents`.
         """
         if len(pages) == 0 or self.fd < 0:
             return np.ones(len(pages), bool)
         shift = self.page_size.bit_length() - 1
         lo = int(pages[0]) << shift
         hi = (int(pages[-1]) + 1) << shift
-        ext = list(self.data_extents(lo, hi - lo))
-        if not ext:
-            return np.zeros(len(pages), bool)
-        if len(ext) == 1 and ext[0] == (lo, hi):
-            return np.ones(len(pages), bool)
-        arr = np.asarray(ext, np.int64) >> shift
-        i = np.searchsorted(arr[:, 0], pages, side="right") - 1
-        return (i >= 0) & (pages < arr[np.maximum(i, 0), 1])
+        return self.pages_in_extents(pages, self.data_extent_pages(lo, hi - lo))
 
     def allocated_bytes(self, offset: int = 0, length: int | None = None) -> int:
         """Host memory backing [offset, offset+length): file extents or resident pages."""

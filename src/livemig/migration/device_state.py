@@ -7,8 +7,14 @@
 * ``<id>/virtio-mem`` (VMSD ``virtio-mem-device``): sanity fields, usable region and requested
   size, sent at the end; loading it discards every unplugged range on the destination
   (reference 2.5 ``post_load``) unless postcopy is still bringing pages in.
-* ``livemig-guest``: the software guest's workload state, so the guest continues its
-  write sequence on the destination.
+* ``livemig-kvm-cpu`` (KVM machines only): the vCPU registers the guest program needs to
+  resume where it stopped — general registers, rip, rflags, segment registers with their
+  hidden parts, descriptor tables, control registers and EFER. Its fields are derived from
+  the kernel's ``struct kvm_regs``/``kvm_segment``/``kvm_dtable`` (padding left out). The
+  interrupt bitmap is not carried: the guest runs with interrupts off and none are wired.
+* ``livemig-guest``: the guest's workload state (the soft workload's, or the KVM guest
+  agent's pass and page counters), so the guest continues its write sequence on the
+  destination.
 
 The sanity checks run before the bitmap is read, so a mismatched region is reported as
 the property that changed, not as a malformed bitmap.
@@ -16,10 +22,13 @@ the property that changed, not as a malformed bitmap.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from livemig.accel.kvm import ioctls as kvm_abi
+from livemig.accel.kvm.accel import CONTROL_REGS, DESCRIPTOR_TABLES, SEGMENT_REGS
 from livemig.devices.virtio_mem import VirtioMem, VirtioMemError
 from livemig.machine import Machine
 from livemig.migration import vmstate
@@ -61,6 +70,37 @@ GUEST_DESC = VMStateDescription(
     "livemig-guest",
     1,
     [Field.uint64("counter"), Field.uint64("pages_written"), Field.uint32("vcpus")],
+)
+
+
+_ABI_KINDS = {
+    ctypes.c_uint8: Field.uint8,
+    ctypes.c_uint16: Field.uint16,
+    ctypes.c_uint32: Field.uint32,
+    ctypes.c_uint64: Field.uint64,
+}
+
+
+def _abi_fields(struct: type[ctypes.Structure]) -> list[Field]:
+    """One field per member of a kernel ABI structure, padding left out."""
+    return [
+        _ABI_KINDS[ctype](name)
+        for name, ctype in struct._fields_  # type: ignore[misc]
+        if not name.startswith("padding")
+    ]
+
+
+KVM_SEGMENT_DESC = VMStateDescription("livemig-kvm-segment", 1, _abi_fields(kvm_abi.kvm_segment))
+KVM_DTABLE_DESC = VMStateDescription("livemig-kvm-dtable", 1, _abi_fields(kvm_abi.kvm_dtable))
+KVM_CPU_DESC = VMStateDescription(
+    "livemig-kvm-cpu",
+    1,
+    [
+        *_abi_fields(kvm_abi.kvm_regs),
+        *(Field.struct_(name, KVM_SEGMENT_DESC) for name in SEGMENT_REGS),
+        *(Field.struct_(name, KVM_DTABLE_DESC) for name in DESCRIPTOR_TABLES),
+        *(Field.uint64(name) for name in CONTROL_REGS),
+    ],
 )
 
 
@@ -171,6 +211,23 @@ def device_sections(machine: Machine) -> list[DeviceSection]:
         out.append(
             DeviceSection(f"{vmem.id}/virtio-mem", 0, 1, False, DEVICE_DESC, vmem.save_state,
                           loader.load_device)
+        )
+
+    if machine.accel.name == "kvm":
+        kvm = machine.accel
+
+        def load_cpu(r: QEMUFileReader, version: int) -> None:
+            at = r.tell()
+            values = vmstate.decode(KVM_CPU_DESC, r, version)
+            try:
+                kvm.load_cpu_state(values)  # before the vCPU ever runs on this side
+            except OSError as e:
+                raise StreamError(at, f"livemig-kvm-cpu: KVM refused the vCPU state: {e}") from e
+
+        out.append(
+            DeviceSection(
+                "livemig-kvm-cpu", 0, 1, False, KVM_CPU_DESC, kvm.save_cpu_state, load_cpu
+            )
         )
 
     def save_guest() -> dict[str, int]:

@@ -23,13 +23,16 @@ from livemig.migration import savevm, status
 from livemig.migration.channels import Listener, MigrationURI, open_file_for_read
 from livemig.migration.device_state import DeviceSection, device_sections
 from livemig.migration.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessage, SectionType
-from livemig.migration.params import Capabilities
+from livemig.migration.params import KNOWN_CAPABILITIES, Capabilities
+from livemig.migration.prefault import Prefaulter
 from livemig.migration.qemu_file import QEMUFileReader, StreamError
 from livemig.migration.ram_load import RamLoader
 
 log = logging.getLogger(__name__)
 
 READ_BUFFER = 4 << 20
+VALIDATED_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
+"""Capabilities that change the stream format: source and destination must agree."""
 
 
 class IncomingMigration:
@@ -102,7 +105,10 @@ class IncomingMigration:
                 reader = QEMUFileReader(os.fdopen(fd, "rb", buffering=0, closefd=False), READ_BUFFER)
             self.start_time = time.monotonic()
             self._set_status(status.ACTIVE)
+            self.loader.prefault = Prefaulter(self.machine.memory.regions)
             self._load(reader)
+            self.loader.prefault.stop()
+            self.loader.prefault.release_unused(self.loader.maybe_data)
             self._send_shut(0)
             self.machine.start_incoming_guest()
             if self.autostart:
@@ -120,6 +126,8 @@ class IncomingMigration:
             self._set_status(status.FAILED)
         finally:
             self.end_time = time.monotonic()
+            if self.loader.prefault is not None:
+                self.loader.prefault.stop()
             if self._listener is not None:
                 self._listener.close()
             if self._sock is not None:
@@ -139,6 +147,11 @@ class IncomingMigration:
     # -- the stream ------------------------------------------------------------------------------
     def _load(self, r: QEMUFileReader) -> None:
         savevm.read_header(r)
+        head = r.peek(1)
+        if not head:
+            raise StreamError(r.tell(), "truncated stream: wanted 1 bytes, got 0 (configuration)")
+        if head[0] != SectionType.CONFIGURATION:
+            raise StreamError(r.tell(), "Configuration section missing")
         ids: dict[int, str] = {}
         seen_config = False
         saw_ram = False
@@ -164,6 +177,8 @@ class IncomingMigration:
                     raise StreamError(hdr.offset, f"section id {hdr.section_id} used twice")
                 ids[hdr.section_id] = hdr.idstr
                 if hdr.idstr == RAM_IDSTR:
+                    if saw_ram:
+                        raise StreamError(hdr.offset, "RAM section sent twice")
                     if kind != SectionType.START or hdr.instance_id != 0:
                         raise StreamError(hdr.offset, "RAM section must be START, instance 0")
                     if hdr.version_id != RAM_VERSION:
@@ -217,6 +232,9 @@ class IncomingMigration:
                 raise StreamError(r.tell(), f"unexpected byte 0x{rest[0]:02x} after EOF")
             savevm.read_section_header(r)
             savevm.read_vmdesc(r)
+            # a file must end here; a socket is closed by the source once we answer
+            if self._sock is None and not r.at_eof():
+                raise StreamError(r.tell(), "unexpected data after VMDESCRIPTION")
 
     def _check_configuration(self, r: QEMUFileReader, at: int) -> None:
         cfg = savevm.read_configuration(r)
@@ -227,6 +245,11 @@ class IncomingMigration:
         bits = cfg.get("target_page_bits")
         if bits is not None and bits != 12:
             raise StreamError(at, f"target page bits {bits} differ from ours (12)")
+        for cap in cfg["capabilities"]:
+            if cap not in KNOWN_CAPABILITIES:
+                raise StreamError(at, f"Received unknown capability {cap}")
+            if cap in VALIDATED_CAPABILITIES and not self.caps[cap]:
+                raise StreamError(at, f"Capability {cap} is off, but received capability is on")
 
     def _command(self, r: QEMUFileReader, at: int) -> None:
         command = savevm.read_command(r)
@@ -236,8 +259,10 @@ class IncomingMigration:
                 raise StreamError(at, "return path requested on a one-way channel")
             self._rp_open = True
         elif cmd == MigCommand.PING:
-            if self._rp_open and self._sock is not None:
-                self._sock.sendall(struct.pack(">HH", RPMessage.PONG, len(payload)) + payload)
+            if not self._rp_open or self._sock is None:
+                (value,) = struct.unpack(">I", payload)
+                raise StreamError(at, f"CMD_PING (0x{value:x}) received with no return path")
+            self._sock.sendall(struct.pack(">HH", RPMessage.PONG, len(payload)) + payload)
         else:
             raise StreamError(at, f"unsupported migration command {int(cmd)}")
 

@@ -23,11 +23,14 @@ import numpy as np
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.ram_block import RAMBlock
 from livemig.migration.format import RamFlag
+from livemig.migration.prefault import Prefaulter
 from livemig.migration.qemu_file import QEMUFileReader, StreamError
 from livemig.migration.ram_save import PAGE_RECORD, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, ZERO_RECORD
 
 _FLAG_MASK = TARGET_PAGE_SIZE - 1
-_KNOWN = (
+# a plain int: ``~`` of an IntFlag complements only within the defined members, so it
+# would let undefined bits above MULTIFD_FLUSH (0x400, 0x800) through
+_KNOWN = int(
     RamFlag.ZERO
     | RamFlag.MEM_SIZE
     | RamFlag.PAGE
@@ -45,8 +48,12 @@ class RamLoader:
     def __init__(self, blocks: list[RAMBlock]):
         self.blocks = {b.idstr: b for b in blocks}
         self.received = {b.idstr: Bitmap(b.max_length >> TARGET_PAGE_BITS) for b in blocks}
+        # pages that may hold data here: what the block held when loading began, plus every
+        # PAGE record since. A ZERO record needs a write only there (no syscall per record).
+        self.maybe_data = {b.idstr: _initial_data_map(b) for b in blocks}
         self._pages = {b.idstr: b.pages_array(0, b.max_length) for b in blocks}
         self._block: RAMBlock | None = None
+        self.prefault: Prefaulter | None = None
         self.pages_loaded = 0
         self.zero_records = 0
         self.zero_pages_written = 0
@@ -128,7 +135,7 @@ class RamLoader:
                 continue
             if flags & RamFlag.MEM_SIZE:
                 raise StreamError(at, "MEM_SIZE record outside the RAM setup section")
-            kind = flags & ~RamFlag.CONTINUE
+            kind = flags & ~int(RamFlag.CONTINUE)
             if kind not in (RamFlag.ZERO, RamFlag.PAGE):
                 raise StreamError(at, f"RAM record with no type (flags 0x{flags:x})")
             if flags & RamFlag.CONTINUE:
@@ -150,8 +157,14 @@ class RamLoader:
                     raise StreamError(fill_at, f"ZERO record with fill byte 0x{fill:02x} (must be 0)")
                 self._zero_pages(block, np.array([page], np.int64))
             else:
+                got = len(r.fill(TARGET_PAGE_SIZE))
+                if got < TARGET_PAGE_SIZE:  # never write part of a page
+                    raise StreamError(
+                        r.tell(), f"truncated stream: RAM page of {TARGET_PAGE_SIZE} bytes, got {got}"
+                    )
                 r.readinto_exact(memoryview(self._pages[block.idstr][page]))
                 self.received[block.idstr].set_range(page, 1)
+                self.maybe_data[block.idstr].set_range(page, 1)
                 self.pages_loaded += 1
                 self.bytes_loaded += TARGET_PAGE_SIZE
 
@@ -187,9 +200,13 @@ class RamLoader:
         buf, pages, n = self._run(r, PAGE_RECORD, _PAGE_C)
         assert self._block is not None
         data = np.ndarray((n, TARGET_PAGE_SIZE), np.uint8, buf, 8, (PAGE_RECORD, 1))
+        if self.prefault is not None:  # let other cores populate what comes next
+            self.prefault.data_arrived(
+                self._block.idstr, int(pages[0]) << TARGET_PAGE_BITS, (int(pages[-1]) + 1) << TARGET_PAGE_BITS
+            )
         self._pages[self._block.idstr][pages] = data
-        rec = self.received[self._block.idstr]
-        np.bitwise_or.at(rec.words, pages >> 6, np.left_shift(np.uint64(1), (pages & 63).astype(np.uint64)))
+        _set_bits(self.received[self._block.idstr], pages)
+        _set_bits(self.maybe_data[self._block.idstr], pages)
         self.pages_loaded += n
         self.bytes_loaded += n * TARGET_PAGE_SIZE
         r.consume(n * PAGE_RECORD)
@@ -210,10 +227,9 @@ class RamLoader:
     def _zero_pages(self, block: RAMBlock, pages: np.ndarray) -> None:
         """Make pages zero without populating memory that is zero already."""
         self.zero_records += len(pages)
-        rec = self.received[block.idstr]
-        np.bitwise_or.at(rec.words, pages >> 6, np.left_shift(np.uint64(1), (pages & 63).astype(np.uint64)))
-        pages = np.sort(pages)
-        pages = pages[block.data_page_mask(pages)]
+        _set_bits(self.received[block.idstr], pages)
+        words = self.maybe_data[block.idstr].words
+        pages = pages[((words[pages >> 6] >> (pages & 63).astype(np.uint64)) & np.uint64(1)) != 0]
         if len(pages) == 0:
             return
         view = self._pages[block.idstr]
@@ -222,4 +238,20 @@ class RamLoader:
         if nz.any():
             view[pages[nz]] = 0
             self.zero_pages_written += int(np.count_nonzero(nz))
+
+
+def _set_bits(bm: Bitmap, pages: np.ndarray) -> None:
+    np.bitwise_or.at(bm.words, pages >> 6, np.left_shift(np.uint64(1), (pages & 63).astype(np.uint64)))
+
+
+def _initial_data_map(block: RAMBlock) -> Bitmap:
+    """Pages that may hold data before loading: the file's data extents (fd-backed), or
+    resident pages (private anonymous memory, whose other pages read as zero)."""
+    bm = Bitmap(block.max_length >> TARGET_PAGE_BITS)
+    if block.fd >= 0:
+        for first, end in block.data_extent_pages(0, block.max_length).tolist():
+            bm.set_range(first, end - first)
+    else:
+        bm.set_all()  # anonymous: reading is free (zero page), so check every page
+    return bm
 

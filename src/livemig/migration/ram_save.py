@@ -84,6 +84,8 @@ class BlockSaveState:
         self.clear_bmap = Bitmap((self.total_pages + (1 << shift) - 1) >> shift)
         self.pages = self.block.pages_array(0, self.block.max_length)
         self.used_mask: np.ndarray | None = None
+        self.extents: np.ndarray | None = None  # data extents of this pass (fd-backed)
+        self.scratch = np.empty(len(self.bmap.words), np.uint64)  # reused by every sync
         if self.used_pages != self.total_pages:
             m = Bitmap(self.total_pages)
             m.set_range(0, self.used_pages)
@@ -149,8 +151,9 @@ class RamSaver:
         """
         self.dirty_pages = 0
         for b in self.blocks:
-            b.bmap.clear_all()
             b.bmap.set_range(0, b.used_pages)
+            if b.used_pages < b.total_pages:
+                b.bmap.clear_range(b.used_pages, b.total_pages - b.used_pages)
             b.clear_bmap.clear_all()
             self.dirty_pages += b.used_pages
         if self.dirty_log is not None:
@@ -161,34 +164,55 @@ class RamSaver:
         self.clear_discarded()
 
     def clear_discarded(self) -> int:
-        """Drop discarded ranges from the migration bitmap (and, lazily-chunked, the log)."""
+        """Drop discarded ranges from the migration bitmap (and, lazily-chunked, the log).
+
+        Runs on arrays: one bitmap pass for all runs of a block, and one log clear per
+        clear-chunk that any run touches — never a Python loop per run or per page.
+        """
         total = 0
         for b in self.blocks:
             rdm = b.mr.rdm
             if rdm is None:
                 continue
             offs, sizes = rdm.discarded_runs(Section(b.mr, 0, b.block.used_length))
-            for off, size in zip(offs, sizes, strict=True):
-                start, n = int(off) >> TARGET_PAGE_BITS, int(size) >> TARGET_PAGE_BITS
-                if self.log_clear:
-                    self._clear_log_chunks(b, start, n)
-                total += b.bmap.test_and_clear_range(start, n)
-                self.stats.discarded_bytes += int(size)
+            if not len(offs):
+                continue
+            starts = np.asarray(offs, np.int64) >> TARGET_PAGE_BITS
+            lengths = np.asarray(sizes, np.int64) >> TARGET_PAGE_BITS
+            if self.log_clear:
+                c0 = starts >> b.shift
+                c1 = (starts + lengths - 1) >> b.shift
+                diff = np.zeros(b.clear_bmap.nbits + 1, np.int32)
+                np.add.at(diff, c0, 1)
+                np.add.at(diff, c1 + 1, -1)
+                self._clear_chunks(b, np.flatnonzero(np.cumsum(diff[:-1]) > 0))
+            total += b.bmap.clear_runs(starts, lengths)
+            self.stats.discarded_bytes += int(np.sum(np.asarray(sizes, np.int64)))
         self.dirty_pages -= total
         return total
 
     def _clear_log_chunks(self, b: BlockSaveState, start: int, npages: int) -> None:
         """Re-arm every clear-chunk touched by [start, start+npages) whose bit is pending."""
-        assert self.dirty_log is not None
         c0 = start >> b.shift
         c1 = (start + npages - 1) >> b.shift
-        pending = np.flatnonzero(
-            np.unpackbits(
-                b.clear_bmap.words.view(np.uint8), bitorder="little", count=b.clear_bmap.nbits
-            )[c0 : c1 + 1]
-        )
+        self._clear_chunks(b, np.arange(c0, c1 + 1))
+
+    def _clear_chunks(self, b: BlockSaveState, chunks: np.ndarray) -> None:
+        """Clear the dirty log of the given clear-chunks whose ``clear_bmap`` bit is set."""
+        assert self.dirty_log is not None
+        if not len(chunks):
+            return
+        words = b.clear_bmap.words
+        pending = chunks[((words[chunks >> 6] >> (chunks & 63).astype(np.uint64)) & np.uint64(1)) != 0]
         chunk = 1 << b.shift
-        for c in (pending + c0).tolist():
+        # A chunk in which the last sync saw no bit has nothing to re-arm: the log only
+        # clears what a sync reported, and a sync returns every bit not yet cleared.
+        if len(pending) > 1 and (chunk >> 6) * b.clear_bmap.nbits == len(b.scratch):
+            seen = b.scratch.reshape(b.clear_bmap.nbits, chunk >> 6).any(axis=1)[pending]
+            for c in pending[~seen].tolist():
+                b.clear_bmap.clear_range(c, 1)
+            pending = pending[seen]
+        for c in pending.tolist():
             first = c * chunk
             n = min(chunk, b.total_pages - first)
             n = n if first + n == b.total_pages else n - n % CLEAR_ALIGN_PAGES
@@ -202,7 +226,7 @@ class RamSaver:
             return 0
         new = 0
         for b in self.blocks:
-            words = self.dirty_log.sync(b.block)
+            words = self.dirty_log.sync(b.block, b.scratch)
             if b.used_mask is not None:
                 words &= b.used_mask
             new += b.bmap.or_words(words)
@@ -232,6 +256,10 @@ class RamSaver:
             if self._pass_words is None:
                 self._pass_words = np.flatnonzero(b.bmap.words)
                 self._pass_pos = 0
+                # Holes are looked up once per pass: a hole that fills in during the pass
+                # is a write, whose dirty bit survives the lazy clear (only synced bits are
+                # re-armed), so it is sent again after the next sync.
+                b.extents = b.block.data_extent_pages() if b.block.fd >= 0 and len(self._pass_words) else None
             nzw = self._pass_words
             while self._pass_pos < len(nzw):
                 if max_bytes is not None and w.bytes_written - start_bytes >= max_bytes:
@@ -264,7 +292,8 @@ class RamSaver:
         """Read, classify and send the pages ``idx`` (sorted) of one block."""
         block = b.block
         if block.fd >= 0:
-            in_data = block.data_page_mask(idx)
+            extents = b.extents if b.extents is not None else block.data_extent_pages()
+            in_data = block.pages_in_extents(idx, extents)
             hole_idx, data_idx = idx[~in_data], idx[in_data]
         else:
             hole_idx, data_idx = idx[:0], idx

@@ -48,6 +48,7 @@ import numpy as np
 from livemig.accel.kvm import ioctls as k
 from livemig.accel.kvm.vm import KvmVcpu, VcpuExit
 from livemig.memory.ram_block import RAMBlock
+from livemig.memory.region import GuestMemoryMap
 
 PAGE = 4096
 PORT_PASS = 0xF0
@@ -277,9 +278,27 @@ def pages_of(ranges: list[tuple[int, int]]) -> np.ndarray:
     return np.concatenate([start + PAGE * np.arange(n, dtype=np.int64) for start, n in ranges])
 
 
-def page_values(memory: Memory, ranges: list[tuple[int, int]], base_gpa: int = 0) -> np.ndarray:
-    """The u32 at offset 0 of every target page, in table order (a copy)."""
-    return _u32(memory)[(pages_of(ranges) - base_gpa) // 4].copy()
+def page_values(
+    memory: Memory | GuestMemoryMap, ranges: list[tuple[int, int]], base_gpa: int = 0
+) -> np.ndarray:
+    """The u32 at offset 0 of every target page, in table order (a copy).
+
+    ``memory`` may also be a machine's whole :class:`GuestMemoryMap` (``base_gpa`` is then
+    ignored), for tables whose targets span several RAM blocks (base RAM and virtio-mem).
+    """
+    gpas = pages_of(ranges)
+    if not isinstance(memory, GuestMemoryMap):
+        return _u32(memory)[(gpas - base_gpa) // 4].copy()
+    out = np.empty(len(gpas), np.uint32)
+    found = np.zeros(len(gpas), bool)
+    for mr in memory.regions:
+        sel = (gpas >= mr.addr) & (gpas < mr.addr + mr.size)
+        if sel.any():
+            out[sel] = _u32(mr.block)[(gpas[sel] - mr.addr) // 4]
+            found |= sel
+    if not found.all():
+        raise ValueError(f"no RAM at target page {int(gpas[np.argmin(found)]):#x}")
+    return out
 
 
 @dataclass
@@ -300,7 +319,7 @@ class PassCheck:
 
 
 def check_pages(
-    memory: Memory,
+    memory: Memory | GuestMemoryMap,
     ranges: list[tuple[int, int]],
     heartbeat: int,
     *,

@@ -459,8 +459,8 @@ class KvmDirtyLog(DirtyLog):
         """Mark inactive. KVM keeps logging (the slot flag stays); nothing reads it."""
         self._active = False
 
-    def sync(self, block: RAMBlock) -> np.ndarray:
-        words = self.vm.get_dirty_log(self._slot(block).id)
+    def sync(self, block: RAMBlock, out: np.ndarray | None = None) -> np.ndarray:
+        words = self.vm.get_dirty_log(self._slot(block).id, out)
         with self._lock:
             self._reported[block.idstr] |= words
         return words
