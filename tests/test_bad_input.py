@@ -410,6 +410,15 @@ def configuration(**kw: Any) -> bytes:
     return w.getvalue()
 
 
+def replace_config(s: Stream, **kw: Any) -> bytes:
+    c = config_rec(s)
+    return s.data[: c.offset] + configuration(**kw) + s.data[c.end :]
+
+
+def subsection(name: str, version: int = 1) -> bytes:
+    return bytes([SectionType.SUBSECTION, len(name)]) + name.encode() + be(">I", version)
+
+
 def mem_size_total(s: Stream) -> int:
     return struct.unpack_from(">Q", s.data, s.layout.mem_size_at)[0] & ~(PAGE - 1)
 
@@ -457,25 +466,19 @@ CASES: list[tuple[str, Corruption, tuple[str, ...], bool]] = [
     ),
     (
         "capability-mismatch",
-        lambda s: s.patch(8, configuration(capabilities=["x-ignore-shared"]))[: config_rec(s).offset]
-        + configuration(capabilities=["x-ignore-shared"])
-        + s.data[config_rec(s).end :],
+        lambda s: replace_config(s, capabilities=["x-ignore-shared"]),
         ("Capability x-ignore-shared is off, but received capability is on",),
         False,
     ),
     (
         "capability-unknown",
-        lambda s: s.data[: config_rec(s).offset]
-        + configuration(capabilities=["x-bogus"])
-        + s.data[config_rec(s).end :],
+        lambda s: replace_config(s, capabilities=["x-bogus"]),
         ("Received unknown capability x-bogus",),
         False,
     ),
     (
         "target-page-bits",
-        lambda s: s.data[: config_rec(s).offset]
-        + configuration(target_page_bits=16)
-        + s.data[config_rec(s).end :],
+        lambda s: replace_config(s, target_page_bits=16),
         ("target page bits 16",),
         False,
     ),
@@ -567,6 +570,12 @@ CASES: list[tuple[str, Corruption, tuple[str, ...], bool]] = [
         "command-bad-length",
         lambda s: s.insert(after_config(s), command(MigCommand.PING, b"\0\0\1")),
         ("command PING: bad length 3, expected 4",),
+        False,
+    ),
+    (
+        "command-oversized",
+        lambda s: s.insert(after_config(s), command(MigCommand.OPEN_RETURN_PATH, bytes(0xFFFF))),
+        ("command OPEN_RETURN_PATH: bad length 65535, expected 0",),
         False,
     ),
     (
@@ -799,6 +808,12 @@ CASES: list[tuple[str, Corruption, tuple[str, ...], bool]] = [
         "requested-size-invalid",
         lambda s: s.put(late(s).payload + 36, ">Q", VMEM_SIZE + BLOCK_SIZE),
         ("requested-size 0x", "is invalid"),
+        False,
+    ),
+    (
+        "unknown-subsection",
+        lambda s: s.insert(guest(s).footer, subsection("livemig-guest/extra")),
+        ("livemig-guest: unknown subsection 'livemig-guest/extra'",),
         False,
     ),
     (

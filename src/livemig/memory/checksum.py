@@ -10,8 +10,8 @@ them (platform notes, section 1): the checksum must not disturb what it measures
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 

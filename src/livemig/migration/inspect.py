@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +49,6 @@ import numpy as np
 from livemig.memory.bitmap import Bitmap, words_for
 from livemig.migration.format import (
     DEFAULT_TARGET_PAGE_SIZE,
-    FILE_MAGIC,
     RAM_FLAG_REMOVED_COMPRESS_PAGE,
     RAM_IDSTR,
     RAM_MIN_PAGE_BITS,
@@ -85,6 +83,9 @@ __all__ = [
 READ_BUFFER = 8 << 20
 """Reader buffer: each numpy pass over a run of PAGE records covers up to ~2000 records."""
 
+SHORT_RUN = 16
+"""Runs of CONTINUE records shorter than this are parsed without numpy (less overhead)."""
+
 MAX_VIOLATIONS = 100_000
 """Most offending records whose stream offset is collected; the rest are only counted."""
 
@@ -97,9 +98,7 @@ MAX_PACKAGED = 1 << 24
 MAX_VMDESC_DEPTH = 64
 """Deepest struct nesting accepted in a VMDESCRIPTION (QEMU's are a handful deep)."""
 
-_RAM_KIND_FLAGS = (
-    RamFlag.ZERO | RamFlag.PAGE | RamFlag.XBZRLE | RAM_FLAG_REMOVED_COMPRESS_PAGE
-)
+_RAM_KIND_FLAGS = RamFlag.ZERO | RamFlag.PAGE | RamFlag.XBZRLE | RAM_FLAG_REMOVED_COMPRESS_PAGE
 _KNOWN_RAM_FLAGS = (
     _RAM_KIND_FLAGS
     | RamFlag.MEM_SIZE
@@ -141,13 +140,17 @@ class PageSet:
 
     It grows to the highest page actually seen rather than to the block's announced
     length: a damaged MEM_SIZE list could announce a petabyte, and the bitmap must not be
-    allocated from a number nobody checked.
+    allocated from a number nobody checked. Pages of short runs are queued in a list and
+    merged in bulk, because one numpy call per page would cost more than the parsing.
     """
 
-    __slots__ = ("words",)
+    __slots__ = ("_pending", "words")
+
+    PENDING_MAX = 1 << 16
 
     def __init__(self) -> None:
         self.words = np.zeros(0, np.uint64)
+        self._pending: list[int] = []
 
     def add(self, pages: np.ndarray) -> None:
         if len(pages) == 0:
@@ -161,11 +164,24 @@ class PageSet:
             self.words, pages >> 6, np.left_shift(np.uint64(1), (pages & 63).astype(np.uint64))
         )
 
+    def add_one(self, page: int) -> None:
+        self._pending.append(page)
+        if len(self._pending) >= self.PENDING_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            pages = np.array(self._pending, np.int64)
+            self._pending.clear()
+            self.add(pages)
+
     def count(self) -> int:
+        self.flush()
         return int(np.bitwise_count(self.words).sum())
 
     def words_for_pages(self, npages: int) -> np.ndarray:
         """The bitmap as exactly ``words_for(npages)`` words (zero-padded or cut)."""
+        self.flush()
         n = words_for(npages)
         out = np.zeros(n, np.uint64)
         k = min(n, len(self.words))
@@ -665,13 +681,9 @@ class _RamScanner:
                 )
             hdr = _BE64.unpack_from(buf)[0]
             flags = hdr & mask
-            if self.block is not None:
-                if flags == self.page_c:
-                    self._page_run(r)
-                    continue
-                if flags == self.zero_c:
-                    self._zero_run(r)
-                    continue
+            if self.block is not None and (flags == self.page_c or flags == self.zero_c):
+                self._continued(r, flags)
+                continue
             at = r.tell()
             r.consume(8)
             addr = hdr & ~mask
@@ -683,7 +695,9 @@ class _RamScanner:
                 self.report.eos += 1
                 return
             if flags & RamFlag.HOOK:
-                raise _Stop(at, "RAM record with the RDMA HOOK flag: RDMA streams are not supported")
+                raise _Stop(
+                    at, "RAM record with the RDMA HOOK flag: RDMA streams are not supported"
+                )
             if flags & RamFlag.MULTIFD_FLUSH:
                 if flags != RamFlag.MULTIFD_FLUSH or addr:
                     raise StreamError(at, f"malformed MULTIFD_FLUSH record 0x{hdr:016x}")
@@ -740,10 +754,58 @@ class _RamScanner:
                     raise StreamError(loff, f"compressed page of {n} bytes exceeds {bound}")
                 r.skip(n)
                 block.compressed += 1
-            pages = np.array([page], np.int64)
-            block.touched.add(pages)
+            block.touched.add_one(page)
             if block.name in self.watch:
-                self._watch(block, pages, at, 0, _KIND_NAMES[int(kind)])
+                self._watch(block, np.array([page], np.int64), at, 0, _KIND_NAMES[int(kind)])
+
+    def _continued(self, r: QEMUFileReader, flags: int) -> None:
+        """PAGE|CONTINUE or ZERO|CONTINUE records: runs of at least ``SHORT_RUN`` go to
+        numpy; shorter ones (memory where zero and data pages alternate) are checked
+        here, record by record, with nothing heavier than a ``struct`` call each."""
+        page = flags == self.page_c
+        stride = self.page_record if page else 9
+        buf = r.fill(stride)
+        if len(buf) < stride:
+            raise StreamError(
+                r.tell(),
+                f"truncated stream: RAM record of {stride} bytes cut short ({len(buf)} left)",
+            )
+        mask, unpack = self.mask, _BE64.unpack_from
+        m = 1
+        while m < SHORT_RUN and (m + 1) * stride <= len(buf):
+            if unpack(buf, m * stride)[0] & mask != flags:
+                break
+            m += 1
+        if m == SHORT_RUN:
+            if page:
+                self._page_run(r)
+            else:
+                self._zero_run(r)
+            return
+        block = self.block
+        assert block is not None
+        base = r.tell()
+        limit = block.length
+        watched = block.name in self.watch
+        kind = "PAGE" if page else "ZERO"
+        for i in range(m):
+            at = i * stride
+            addr = unpack(buf, at)[0] & ~mask
+            if addr >= limit:
+                self._check_offset(base + at, block, addr)
+            if not page and buf[at + 8]:
+                raise StreamError(
+                    base + at + 8, f"ZERO record with fill byte 0x{buf[at + 8]:02x} (must be 0)"
+                )
+            pg = addr >> self.page_bits
+            block.touched.add_one(pg)
+            if watched:
+                self._watch(block, np.array([pg], np.int64), base + at, 0, kind)
+        if page:
+            block.normal += m
+        else:
+            block.zero += m
+        r.consume(m * stride)
 
     def _check_offset(self, at: int, block: RamBlockReport, addr: int) -> None:
         if addr >= block.length:
@@ -754,19 +816,31 @@ class _RamScanner:
             )
 
     def _run(self, r: QEMUFileReader, stride: int, want: int) -> tuple[memoryview, np.ndarray, int]:
-        """Headers of the records of one kind at the front of the buffer, all checked."""
+        """Headers of the records of one kind at the front of the buffer, all checked.
+
+        The window grows geometrically from a few records, so that a short run (guest
+        memory where zero and non-zero pages alternate) costs a few small numpy calls and
+        not a pass over the whole buffer.
+        """
         buf = r.fill(stride)
-        n = len(buf) // stride
-        if n == 0:
+        avail = len(buf) // stride
+        if avail == 0:
             raise StreamError(
                 r.tell(),
                 f"truncated stream: RAM record of {stride} bytes cut short ({len(buf)} left)",
             )
-        hdrs = np.ndarray((n,), ">u8", buf, 0, (stride,)).astype(np.uint64)
-        bad = (hdrs & np.uint64(self.mask)) != np.uint64(want)
-        if bad.any():
-            n = int(np.argmax(bad))
-            hdrs = hdrs[:n]
+        k = min(avail, 32)
+        while True:
+            hdrs = np.ndarray((k,), ">u8", buf, 0, (stride,)).astype(np.uint64)
+            bad = (hdrs & np.uint64(self.mask)) != np.uint64(want)
+            if bad.any():
+                n = int(np.argmax(bad))
+                hdrs = hdrs[:n]
+                break
+            if k == avail:
+                n = k
+                break
+            k = min(avail, k * 8)
         pages = (hdrs >> np.uint64(self.page_bits)).astype(np.int64)
         block = self.block
         assert block is not None
@@ -793,7 +867,8 @@ class _RamScanner:
         if fills.any():
             i = int(np.argmax(fills != 0))
             raise StreamError(
-                r.tell() + i * 9 + 8, f"ZERO record with fill byte 0x{int(fills[i]):02x} (must be 0)"
+                r.tell() + i * 9 + 8,
+                f"ZERO record with fill byte 0x{int(fills[i]):02x} (must be 0)",
             )
         block = self.block
         assert block is not None
@@ -824,7 +899,11 @@ _INT_TYPES = {8: "b", 16: "h", 32: "i", 64: "q"}
 
 
 def _int_format(type_name: str, size: int) -> str | None:
-    """struct format for vmdesc integer types: ``uint32``, ``int32 equal``, ``int32 le``..."""
+    """struct format for vmdesc integer types: ``uint32``, ``int32 equal``, ``int32 le``...
+
+    The words after the type name are the load-time check QEMU applies (``equal``,
+    ``le`` = less or equal), not the byte order: every integer is big-endian on the wire.
+    """
     words = type_name.split()
     if not words:
         return None
@@ -839,7 +918,7 @@ def _int_format(type_name: str, size: int) -> str | None:
     if bits not in _INT_TYPES or bits // 8 != size:
         return None
     code = _INT_TYPES[bits]
-    return ("<" if "le" in words[1:] else ">") + (code if signed else code.upper())
+    return ">" + (code if signed else code.upper())
 
 
 class _DescError(Exception):
@@ -859,6 +938,7 @@ class _VmsdDecoder:
         self.r = r
         self.file_size = file_size
         self.virtio_blobs: list[tuple[int, bytes]] = []  # (offset, raw) of "virtio" fields
+        self.offsets: dict[str, int] = {}  # stream offset of each top-level field
 
     def _need(self, n: int, what: str) -> None:
         left = self.file_size - self.r.tell()
@@ -881,6 +961,8 @@ class _VmsdDecoder:
             name = f["name"]
             if isinstance(f.get("index"), int):
                 name = f"{name}[{f['index']}]"
+            if depth == 0:
+                self.offsets[name] = self.r.tell()
             count = f.get("array_len")
             if count is not None:
                 if not isinstance(count, int) or count < 0:
@@ -938,8 +1020,7 @@ class _VmsdDecoder:
                 return _Skipped(count * size)
             if fmt == "?":
                 return [b != 0 for b in data]
-            dt = np.dtype(fmt.replace("?", "b").replace(">", ">").lower() if False else fmt)
-            return np.frombuffer(data, dt).tolist()
+            return np.frombuffer(data, np.dtype(fmt)).tolist()
         return [self._field(f, f"{where}[{i}]", depth) for i in range(count)]
 
     def _field(self, f: dict[str, Any], where: str, depth: int) -> Any:
@@ -1057,7 +1138,10 @@ def _scan_virtio_blob(
                         words = np.frombuffer(blob, ">u8", words_for(nbits), bm_off)
                         tail = nbits & 63
                         ok_tail = not tail or int(words[-1]) >> tail == 0
-                        if ok_tail and int(np.bitwise_count(words.astype(np.uint64)).sum()) * bsize == size:
+                        if (
+                            ok_tail
+                            and int(np.bitwise_count(words.astype(np.uint64)).sum()) * bsize == size
+                        ):
                             state.update(usable_region_size=usable, size=size, requested_size=req)
                             state["bitmap_raw"] = bytes(blob[bm_off:end])
                             return state, bm_off
@@ -1109,8 +1193,20 @@ class _Walker:
                 self._records(r, nested=False)
                 self._after_eof(r)
                 rep.complete = True
+                unused = self.unused_vmdesc()
+                if unused and rep.vmdesc_offset is not None:
+                    rep.warnings.append(
+                        f"VMDESCRIPTION describes {len(unused)} section(s) not in the stream: "
+                        + ", ".join(unused[:5])
+                    )
             except _Stop as s:
                 rep.stopped, rep.stopped_offset = s.reason, s.offset
+            except (StreamError, OSError):
+                raise
+            except Exception as e:  # a reader bug must still name the place, not trace back
+                raise StreamError(
+                    self.r.tell(), f"internal error while parsing here: {type(e).__name__}: {e}"
+                ) from e
             finally:
                 rep.devices = list(self.vmem.values())
                 _map_devices(rep)
@@ -1151,15 +1247,16 @@ class _Walker:
         rep.configuration = conf
         caps = conf.get("capabilities") or []
         if "mapped-ram" in caps:
-            raise _Stop(hdr.offset, "mapped-ram streams (pages at fixed file offsets) are not supported")
+            raise _Stop(
+                hdr.offset, "mapped-ram streams (pages at fixed file offsets) are not supported"
+            )
         self.ram.ignore_shared = "x-ignore-shared" in caps
         bits = conf.get("target_page_bits")
         if bits is not None:
             ps = 1 << bits
             if rep.vmdesc is not None and rep.page_size != ps:
                 rep.warnings.append(
-                    f"configuration says {ps}-byte pages, VMDESCRIPTION {rep.page_size}; "
-                    f"using {ps}"
+                    f"configuration says {ps}-byte pages, VMDESCRIPTION {rep.page_size}; using {ps}"
                 )
             rep.page_size = ps
             self.ram.set_page_size(ps)
@@ -1187,7 +1284,9 @@ class _Walker:
     def _packaged(self, r: QEMUFileReader, hdr: SectionHeader, length: int) -> None:
         """Postcopy's package: a run of records (device state, commands) of known length."""
         if length > MAX_PACKAGED:
-            raise StreamError(hdr.offset, f"PACKAGED command of {length} bytes exceeds {MAX_PACKAGED}")
+            raise StreamError(
+                hdr.offset, f"PACKAGED command of {length} bytes exceeds {MAX_PACKAGED}"
+            )
         off = r.tell()
         data = r.read_exact(length)
         sub = bytes_reader(data, offset=off)
@@ -1294,8 +1393,7 @@ class _Walker:
             voff = hdr.offset + 1 + 4 + 1 + len(hdr.idstr.encode()) + 4
             raise StreamError(
                 voff,
-                f"section {hdr.idstr!r} has version {hdr.version_id}, "
-                f"VMDESCRIPTION says {want}",
+                f"section {hdr.idstr!r} has version {hdr.version_id}, VMDESCRIPTION says {want}",
             )
         return entry
 
@@ -1367,7 +1465,7 @@ class _Walker:
             bm = values.get("bitmap")
             if isinstance(bm, bytes):
                 bitmap_raw = bm
-                bitmap_off = (sec.end or 0) - len(bm) - (5 if self.report.footers else 0)
+                bitmap_off = dec.offsets.get("bitmap")
             source = f"{vmsd or 'device'} section"
         elif vmsd == "virtio-mem" or idstr.endswith("/virtio-mem"):
             regions = {b.length for b in self.report.ram_blocks.values()}
@@ -1413,8 +1511,6 @@ class _Walker:
         rep = self.report
         if r.at_eof():
             rep.warnings.append("no VMDESCRIPTION after the EOF record")
-            if self.trailer.problem is not None:
-                raise self.trailer.problem
             return
         off = r.tell()
         t = r.get_u8()
@@ -1441,6 +1537,25 @@ class _Walker:
         return [e["name"] for k, e in enumerate(devices) if k not in self.vmdesc_used]
 
 
+def _name_rules(dev_id: str, taken: set[str]) -> list[tuple[str, Any]]:
+    """Tie-breakers between RAM blocks of the right length, strongest first."""
+
+    def free_device_ram(n: str) -> bool:
+        return (
+            n not in taken
+            and n not in _NOT_VIRTIO_MEM
+            and not n.startswith(("/rom@", "ram-node"))
+            and not n.endswith(".rom")
+        )
+
+    return [
+        ("named <id>-memdev", lambda n: n == f"{dev_id}-memdev"),
+        ("named <device path>/<backend id>", lambda n: n.startswith(dev_id + "/")),
+        ("name contains the device id", lambda n: dev_id in n),
+        ("not base RAM or firmware, not taken by another device", free_device_ram),
+    ]
+
+
 def _map_devices(rep: StreamReport) -> None:
     """Choose the RAM block behind each virtio-mem device.
 
@@ -1460,26 +1575,13 @@ def _map_devices(rep: StreamReport) -> None:
             continue
         if len(cands) == 1:
             dev.ram_block = cands[0].name
-            dev.mapping = "only RAM block of the region size"
+            dev.mapping = "the only RAM block of the region size"
         else:
-            rules = (
-                ("named <id>-memdev", lambda n: n == f"{dev.id}-memdev"),
-                ("named <device path>/<backend>", lambda n: n.startswith(dev.id + "/")),
-                ("name contains the device id", lambda n: dev.id in n),
-                (
-                    "not base RAM or firmware, not taken by another device",
-                    lambda n: n not in taken
-                    and n not in _NOT_VIRTIO_MEM
-                    and not n.startswith("/rom@")
-                    and not n.endswith(".rom")
-                    and not n.startswith("ram-node"),
-                ),
-            )
-            for why, rule in rules:
+            for why, rule in _name_rules(dev.id, taken):
                 picked = [b for b in cands if rule(b.name)]
                 if len(picked) == 1:
                     dev.ram_block = picked[0].name
-                    dev.mapping = f"region size and {why}"
+                    dev.mapping = f"region size, and {why}"
                     break
             else:
                 names = ", ".join(repr(b.name) for b in cands)
@@ -1566,17 +1668,3 @@ def check_discard(report: StreamReport) -> ViolationList:
             )
         )
     return out
-
-
-def iter_ram_sections(report: StreamReport) -> Iterator[SectionReport]:
-    """The sections of the RAM section id, in stream order."""
-    for s in report.sections:
-        if s.idstr == RAM_IDSTR:
-            yield s
-
-
-def looks_like_stream(path: str | os.PathLike[str]) -> bool:
-    """True if the file starts with the stream magic (cheap check for callers)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return len(head) == 4 and _BE32.unpack(head)[0] == FILE_MAGIC

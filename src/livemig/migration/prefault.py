@@ -83,14 +83,21 @@ class Prefaulter:
                 self.bytes_populated += n
                 self.populated.append((mr, off, n))
 
-    def release_unused(self, has_data: dict[str, Bitmap]) -> int:
-        """Discard populated pages whose bit in ``has_data`` is clear; return bytes freed."""
+    def release_unused(self, has_data: dict[str, Bitmap], min_pages: int = 16) -> int:
+        """Discard populated runs of at least ``min_pages`` pages whose bits in ``has_data``
+        are clear; return bytes freed.
+
+        This runs inside the downtime (before the guest may write), so single zero pages
+        between data pages are left allocated: one system call each would cost more
+        downtime than the memory is worth.
+        """
         freed = 0
         for mr, off, n in self.populated:
             bm = has_data[mr.block.idstr]
             ps = mr.block.page_size
             starts, lengths = bm.runs(False, off // ps, n // ps)
-            for first, count in zip(starts.tolist(), lengths.tolist(), strict=True):
+            keep = lengths >= min_pages
+            for first, count in zip(starts[keep].tolist(), lengths[keep].tolist(), strict=True):
                 mr.block.discard_range(first * ps, count * ps)
                 freed += count * ps
         self.populated.clear()

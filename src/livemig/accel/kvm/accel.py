@@ -224,11 +224,18 @@ class KvmAccel:
         return bytes(mr.block.view[off : off + length])
 
     def count_discarded(self, ranges: list[tuple[int, int]]) -> int:
-        """Pages of ``ranges`` [(gpa, npages)] that lie in discarded (unplugged) memory."""
+        """Pages of ``ranges`` [(gpa, npages)] that lie in discarded (unplugged) memory.
+
+        A range may span regions (the agent merges base RAM with the virtio-mem blocks
+        right after it), so each is cut at region boundaries.
+        """
         n = 0
         for gpa, npages in ranges:
-            mr, off = self.memory.lookup(gpa)
-            n += discarded_pages(mr, off, npages * PAGE)
+            end = gpa + npages * PAGE
+            for mr in self.memory.regions:
+                lo, hi = max(gpa, mr.addr), min(end, mr.addr + mr.size)
+                if hi > lo and mr.rdm is not None:
+                    n += discarded_pages(mr, lo - mr.addr, hi - lo)
         return n
 
     # -- the vCPU ---------------------------------------------------------------------------
