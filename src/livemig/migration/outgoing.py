@@ -147,7 +147,7 @@ class OutgoingMigration:
                 self._fail(status.CANCELLED, None)
             else:
                 log.info("migration failed: %s", e)
-                self._fail(status.FAILED, _describe(e))
+                self._fail(status.FAILED, self._failure_reason(e))
         finally:
             self.end_time = time.monotonic()
             self._close()
@@ -280,6 +280,18 @@ class OutgoingMigration:
         early = [s.vmdesc() for s in self.sections if s.early]
         late = [s.vmdesc() for s in self.sections if not s.early]
         return savevm.build_vmdesc(self._config_desc, early + late, TARGET_PAGE_SIZE)
+
+    def _failure_reason(self, e: BaseException) -> str:
+        """Prefer the destination's verdict to our own symptom (a broken pipe, say).
+
+        A destination that rejects the stream reports it on the return path and closes;
+        our next write then fails first. Give the return path a moment to deliver.
+        """
+        if self._rp_thread is not None and isinstance(e, OSError):
+            self._rp_done.wait(1.0)
+        if self._rp_result not in (None, 0):
+            return f"destination reported a failed migration ({_describe(e)})"
+        return _describe(e)
 
     def _fail(self, final: str, desc: str | None) -> None:
         self.error_desc = desc

@@ -53,7 +53,7 @@ class Prefaulter:
             if start > nxt:
                 nxt = start - start % CHUNK  # jump over what came as zeros
             self._next[idstr] = max(nxt, end - end % CHUNK)
-            self._goal[idstr] = end + self._ahead
+            self._goal[idstr] = -(-(end + self._ahead) // CHUNK) * CHUNK  # whole chunks
             self._cond.notify_all()
 
     def _take(self) -> tuple[MemoryRegion, int, int] | None:
