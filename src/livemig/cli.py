@@ -68,7 +68,7 @@ def add_vm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", "-m", type=parse_size, default=1 << 30, help="base RAM (default 1G)")
     p.add_argument("--ram-backend", choices=("memfd", "anon"), default="memfd")
     p.add_argument("--virtio-mem", type=parse_virtio_mem, help="id=vm0,size=8G,requested-size=1G,...")
-    p.add_argument("--accel", default="soft", help="soft, kvm or auto")
+    p.add_argument("--accel", default="auto", help="soft, kvm or auto (kvm where /dev/kvm works)")
     p.add_argument("--qmp", required=True, help="unix:PATH of the QMP socket")
     p.add_argument("--incoming", help="tcp:HOST:PORT, unix:PATH, file:PATH or defer")
     p.add_argument("-S", dest="paused", action="store_true",
@@ -268,10 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     info.set_defaults(func=cmd_info)
     demo = sub.add_parser("demo", help="migrate a live VM between two processes and verify it")
     demo.add_argument("--memory", type=parse_size, default=1 << 30)
-    demo.add_argument("--virtio-mem-size", type=parse_size, default=8 << 30)
-    demo.add_argument("--plugged", type=parse_size, default=2 << 30)
+    demo.add_argument("--virtio-mem-size", type=parse_size, default=None,
+                      help="default: 8G (soft guest), 2G (KVM guest: must fit below 4 GiB)")
+    demo.add_argument("--plugged", type=parse_size, default=None,
+                      help="default: 2G (soft guest), 1G (KVM guest)")
     demo.add_argument("--dirty-rate", type=_rate, default=64 << 20)
-    demo.add_argument("--accel", default="soft")
+    demo.add_argument("--accel", default="auto", help="soft, kvm or auto")
     demo.add_argument("--uri", default=None, help="default: tcp on a free loopback port")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(func=cmd_demo)

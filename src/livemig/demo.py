@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from livemig.accel.factory import resolve as resolve_accel
 from livemig.cli import _progress_loop
 from livemig.control.qmp_client import QMPClient
 
@@ -42,7 +43,8 @@ def _vm(name: str, qmp: Path, args: argparse.Namespace, extra: list[str], log: P
         sys.executable, "-m", "livemig", "vm", "--name", name, "--qmp", f"unix:{qmp}",
         "--memory", str(args.memory), "--accel", args.accel,
         "--virtio-mem", f"id=vm0,size={args.virtio_mem_size},requested-size=0",
-        "--vcpus", "2", "--dirty-rate", str(args.dirty_rate), "--content", "mixed", *extra,
+        "--vcpus", str(args.vcpus), "--dirty-rate", str(args.dirty_rate), "--content", "mixed",
+        *(["--working-set", "64M"] if args.accel == "kvm" else []), *extra,
     ]  # fmt: skip
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -69,6 +71,12 @@ def _alloc(c: QMPClient) -> dict[str, dict[str, Any]]:
 
 def run_demo(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
+    args.accel = resolve_accel(args.accel)
+    kvm = args.accel == "kvm"
+    # A KVM guest runs without paging, so its virtio-mem region must fit below 4 GiB.
+    args.virtio_mem_size = args.virtio_mem_size or (2 << 30 if kvm else 8 << 30)
+    args.plugged = args.plugged or (1 << 30 if kvm else 2 << 30)
+    args.vcpus = 1 if kvm else 2
     tmp = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
     uri = args.uri or f"tcp:127.0.0.1:{_free_port()}"
     src_qmp, dst_qmp = tmp / "src.qmp", tmp / "dst.qmp"
@@ -78,7 +86,10 @@ def run_demo(args: argparse.Namespace) -> int:
     ]
     try:
         src, dst = QMPClient(str(src_qmp)), QMPClient(str(dst_qmp))
-        console.print(f"[bold]livemig demo[/]: source and destination VMs started ({tmp})")
+        console.print(
+            f"[bold]livemig demo[/]: {args.accel} guests, {args.memory >> 20} MiB RAM + "
+            f"{args.virtio_mem_size >> 30} GiB virtio-mem; source and destination started ({tmp})"
+        )
         src.execute("qom-set", path="vm0", property="requested-size", value=args.plugged)
         _wait_guest_ready(src, args.plugged, console)
         before = _alloc(src)
@@ -97,9 +108,11 @@ def run_demo(args: argparse.Namespace) -> int:
         dst_sum = dst.execute("x-query-guest-checksum")["checksum"]
         after, dst_alloc = _alloc(src), _alloc(dst)
         dst.execute("cont")
-        written0 = dst.execute("x-query-guest")["pages-written"]
-        time.sleep(1.0)
-        written1 = dst.execute("x-query-guest")["pages-written"]
+        written0 = written1 = dst.execute("x-query-guest")["pages-written"]
+        deadline = time.monotonic() + 5
+        while written1 == written0 and args.dirty_rate and time.monotonic() < deadline:
+            time.sleep(0.1)  # a KVM guest reports progress once per pass over its table
+            written1 = dst.execute("x-query-guest")["pages-written"]
         checks = {
             "guest checksums equal": src_sum == dst_sum,
             "source memory did not grow": all(
