@@ -113,6 +113,17 @@ _KIND_NAMES = {
     int(RamFlag.XBZRLE): "XBZRLE",
     RAM_FLAG_REMOVED_COMPRESS_PAGE: "COMPRESSED",
 }
+_RECORD_START = frozenset(
+    int(t)
+    for t in (
+        SectionType.EOF,
+        SectionType.START,
+        SectionType.PART,
+        SectionType.END,
+        SectionType.FULL,
+        SectionType.COMMAND,
+    )
+)
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
@@ -549,20 +560,29 @@ def find_vmdesc(path: str | os.PathLike[str], file_size: int) -> _Trailer:
                 if p < 0:
                     break
                 pos = p
-                if data[p + 5 : p + 6] != b"{" or (p > 0 and data[p - 1] != 0):
+                if data[p + 5 : p + 6] != b"{":
                     continue
                 n = _BE32.unpack_from(data, p + 1)[0]
                 follow = len(data) - p - 5
-                if n == follow:
+                if n == follow:  # the EOF byte before it is checked by the walk
                     tr.offset, tr.size = base + p, n
                     try:
                         tr.desc = _parse_vmdesc_json(bytes(data[p + 5 :]), base + p + 5)
                     except StreamError as e:
                         tr.problem = e
                     return tr
-                if suspect is None and data[p + 5 : p + 7] == b'{"':
+                if suspect is None and data[p + 5 : p + 7] == b'{"' and p and data[p - 1] == 0:
                     suspect = (p, n)
-            if suspect is not None and tail == min(file_size, MAX_VMDESC + 6):
+            if tail != min(file_size, MAX_VMDESC + 6):
+                continue
+            for k in range(4):  # cut inside "0x06, be32 len": 0..3 length bytes left
+                if len(data) >= k + 2 and data[-(k + 2)] == 0 and data[-(k + 1)] == 6:
+                    tr.problem = StreamError(
+                        file_size - k - 1,
+                        f"truncated stream: VMDESCRIPTION header cut short ({k} of 4 length bytes)",
+                    )
+                    return tr
+            if suspect is not None:
                 p, n = suspect
                 follow = len(data) - p - 5
                 what = "cut short" if n > follow else "followed by more data"
@@ -694,10 +714,8 @@ class _RamScanner:
                     raise StreamError(at, f"malformed RAM EOS record 0x{hdr:016x}")
                 self.report.eos += 1
                 return
-            if flags & RamFlag.HOOK:
-                raise _Stop(
-                    at, "RAM record with the RDMA HOOK flag: RDMA streams are not supported"
-                )
+            if flags & RamFlag.HOOK:  # RDMA's control records never reach a file
+                raise StreamError(at, f"RAM record with the RDMA HOOK flag (flags 0x{flags:x})")
             if flags & RamFlag.MULTIFD_FLUSH:
                 if flags != RamFlag.MULTIFD_FLUSH or addr:
                     raise StreamError(at, f"malformed MULTIFD_FLUSH record 0x{hdr:016x}")
@@ -1275,6 +1293,8 @@ class _Walker:
             n = payload[1]
             name = payload[2 : 2 + n].decode(errors="replace")
             detail = {"block": name, "ranges": max(len(payload) - 3 - n, 0) // 16}
+        elif cmd is MigCommand.PACKAGED:
+            detail = {"package_bytes": _BE32.unpack(payload)[0]}
         elif cmd is MigCommand.RECV_BITMAP:
             detail = {"block": payload[1 : 1 + payload[0]].decode(errors="replace")}
         self.report.records.append(CommandReport(hdr.offset, cmd.name, len(payload), detail))
@@ -1300,13 +1320,17 @@ class _Walker:
             raise StreamError(sub.tell(), "data after the EOF record inside the PACKAGED command")
 
     def _footer(self, r: QEMUFileReader, section_id: int) -> None:
+        """Check the section footer. Streams of very old machine types have none, which
+        the first section tells: a byte there that starts no record is a bad footer."""
         rep = self.report
         head = r.peek(1)
-        if head[:1] == bytes([SectionType.FOOTER]) or rep.footers:
+        if rep.footers is None and head and head[0] != SectionType.FOOTER:
+            if head[0] in _RECORD_START:
+                rep.footers = False
+                return
+        if rep.footers is not False:
             check_footer(r, section_id)
             rep.footers = True
-        elif rep.footers is None:
-            rep.footers = False
 
     def _start_or_full(self, r: QEMUFileReader, hdr: SectionHeader) -> None:
         assert hdr.idstr is not None and hdr.section_id is not None
@@ -1319,6 +1343,17 @@ class _Walker:
                 raise StreamError(hdr.offset, f"section id {hdr.section_id} started twice")
             self.started[hdr.section_id] = hdr.idstr
             if hdr.idstr != RAM_IDSTR:
+                head = r.peek(8)
+                if (
+                    self.ram_section_id is None
+                    and len(head) == 8
+                    and _BE64.unpack(head)[0] & self.ram.mask == RamFlag.MEM_SIZE
+                ):
+                    raise StreamError(
+                        hdr.offset + 6,
+                        f"START section {hdr.idstr!r} carries the RAM block list: damaged "
+                        f"idstr (expected {RAM_IDSTR!r})",
+                    )
                 raise _Stop(
                     hdr.offset,
                     f"iterative section {hdr.idstr!r} (START) has a format this tool does not "
@@ -1403,8 +1438,8 @@ class _Walker:
             raise self.trailer.problem
         entry = self._vmdesc_entry(hdr)
         if entry is None:
-            self._undescribed(r, hdr)
-        assert entry is not None
+            self._undescribed(r, hdr, sec)
+            return
         sec.vmsd_name = entry.get("vmsd_name") if isinstance(entry.get("vmsd_name"), str) else None
         dec = _VmsdDecoder(r, self.report.file_size)
         try:
@@ -1416,26 +1451,42 @@ class _Walker:
         sec.fields = values
         self._virtio_mem(hdr, sec, values, dec)
 
-    def _undescribed(self, r: QEMUFileReader, hdr: SectionHeader) -> None:
-        """A FULL section with no description: its length cannot be known. If its footer
-        is nowhere in the rest of the file, the file was cut short; otherwise stop."""
+    def _undescribed(self, r: QEMUFileReader, hdr: SectionHeader, sec: SectionReport) -> None:
+        """A FULL section with no description: its length cannot be known.
+
+        If the file is whole (it ends with a footer and the EOF record), the walk stops
+        here. If it was cut short, that is the answer, but the walk goes on to say where:
+        the section is skipped to its footer (the first ``0x7e, be32 id`` followed by the
+        start of a record) so that the cut is reported at the record it falls in.
+        """
         assert hdr.section_id is not None
         needle = bytes([SectionType.FOOTER]) + _BE32.pack(hdr.section_id)
         start = r.tell()
+        size = self.report.file_size
         with open(self.path, "rb") as f:
+            f.seek(max(size - 6, 0))
+            last = f.read(6)
             f.seek(start)
-            data = f.read(min(self.report.file_size - start, 64 << 20))
-        if self.report.footers is not False and needle not in data:
+            data = f.read(min(size - start, 64 << 20))
+        whole = len(last) == 6 and last[0] == SectionType.FOOTER and last[5] == SectionType.EOF
+        if self.report.footers is False or whole:
+            raise _Stop(
+                hdr.offset,
+                f"section {hdr.idstr!r} cannot be decoded without a VMDESCRIPTION (its length "
+                "is not in the stream); stopping here",
+            )
+        pos = data.find(needle)
+        while pos >= 0 and pos + 5 < len(data) and data[pos + 5] not in _RECORD_START:
+            pos = data.find(needle, pos + 1)
+        if pos < 0:
             raise StreamError(
                 start,
-                f"truncated stream: section {hdr.idstr!r} has no footer before the end of "
-                "the file (and there is no VMDESCRIPTION)",
+                f"truncated stream: section {hdr.idstr!r} has no footer before the end of the "
+                "file (and there is no VMDESCRIPTION)",
             )
-        raise _Stop(
-            hdr.offset,
-            f"section {hdr.idstr!r} cannot be decoded without a VMDESCRIPTION (its length is "
-            "not in the stream); stopping here",
-        )
+        r.skip(pos + 5)
+        sec.end = r.tell()
+        sec.note = "not decoded: no VMDESCRIPTION (file cut short); skipped to its footer"
 
     def _virtio_mem(
         self, hdr: SectionHeader, sec: SectionReport, values: dict[str, Any], dec: _VmsdDecoder
@@ -1477,11 +1528,10 @@ class _Walker:
                     bitmap_off = None if rel is None else off + rel
                     source = "VirtIO device state (located by layout)"
                     break
-            if state is None:
-                if dec.virtio_blobs:
-                    self.report.warnings.append(
-                        f"{idstr}: no virtio-mem state found in the VirtIO device state"
-                    )
+            if state is None:  # keep the device: a check must not pass without its bitmap
+                dev = self.vmem.setdefault(key, VirtioMemReport(key))
+                dev.sections.append(idstr)
+                dev.warnings.append("no virtio-mem state found in the VirtIO device state")
                 return
         else:
             return
@@ -1520,13 +1570,16 @@ class _Walker:
             raise self.trailer.problem
         loff = r.tell()
         n = r.get_be32()
-        if self.trailer.offset != off:
-            left = rep.file_size - loff - 4
+        left = rep.file_size - loff - 4
+        if n != left:
             raise StreamError(
                 loff,
                 f"VMDESCRIPTION length field says {n} bytes but {left} follow "
                 f"({'cut short' if n > left else 'followed by more data'})",
             )
+        if self.trailer.offset != off:  # the backward search missed it: say why
+            _parse_vmdesc_json(r.read_exact(n), loff + 4)
+            raise StreamError(off, "VMDESCRIPTION does not start with '{'")
         r.skip(n)
         rep.vmdesc_offset, rep.vmdesc_size = off, n
         if not r.at_eof():
