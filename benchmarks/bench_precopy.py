@@ -88,7 +88,7 @@ def raw_copy(size: int, warm: bool) -> float:
 
 def bench_throughput(size: int) -> dict:
     port = free_port()
-    common = ["--memory", "256M", "--virtio-mem", f"id=vm0,size={max(8 * GiB, size)},requested-size=0",
+    common = ["--accel", "soft", "--memory", "256M", "--virtio-mem", f"id=vm0,size={max(8 * GiB, size)},requested-size=0",
               "--vcpus", "2", "--dirty-rate", "0", "--content", "random"]
     src = VmProcess("src", common)
     dst = VmProcess("dst", [*common, "--incoming", f"tcp:127.0.0.1:{port}", "-S"], src.dir)
@@ -122,7 +122,7 @@ def bench_throughput(size: int) -> dict:
 
 def bench_idle() -> dict:
     port = free_port()
-    common = ["--memory", "1G", "--virtio-mem", "id=vm0,size=8G,requested-size=0",
+    common = ["--accel", "soft", "--memory", "1G", "--virtio-mem", "id=vm0,size=8G,requested-size=0",
               "--vcpus", "1", "--dirty-rate", "0", "--content", "mixed"]
     src = VmProcess("src", common)
     dst = VmProcess("dst", [*common, "--incoming", f"tcp:127.0.0.1:{port}", "-S"], src.dir)

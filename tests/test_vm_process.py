@@ -31,7 +31,7 @@ def memfd_allocated(pid: int, name: str) -> int:
 def vm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, QEMUMonitorProtocol]]:
     sock = tmp_path / "qmp.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "livemig", "vm", "--memory", "128M", "--qmp", f"unix:{sock}",
+        [sys.executable, "-m", "livemig", "vm", "--accel", "soft", "--memory", "128M", "--qmp", f"unix:{sock}",
          "--virtio-mem", "id=vm0,size=8G,requested-size=0,block-size=2M",
          "--vcpus", "2", "--dirty-rate", "16M", "--content", "random"],
     )  # fmt: skip
