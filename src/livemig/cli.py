@@ -1,4 +1,5 @@
-"""The ``livemig`` command line: ``vm``, ``migrate``, ``info``, ``demo`` and ``inspect``."""
+"""The ``livemig`` command line: ``vm``, ``migrate``, ``info``, ``demo``, ``inspect``,
+``snapshot`` and ``restore``."""
 
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ def add_vm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--content", choices=("random", "zeros", "mixed"), default="random")
     p.add_argument("--no-prefill", action="store_true", help="do not write memory once at boot")
     p.add_argument("--log", default="warning", help="log level")
+    p.add_argument("--tls-creds", help="TLS credentials directory (QEMU's x509 layout) for migrations")
+    p.add_argument("--tls-authz", help="client certificate names an incoming migration accepts (a,b,...)")
 
 
 def build_machine(args: argparse.Namespace) -> Any:
@@ -116,6 +119,16 @@ def cmd_vm(args: argparse.Namespace) -> int:
         return 2
     qmp = QMPServer(args.qmp)
     ctl = VMController(machine, qmp, autostart=not args.paused)
+    tls_params = {k: v for k, v in (("tls-creds", args.tls_creds), ("tls-authz", args.tls_authz)) if v}
+    if tls_params:  # before --incoming starts listening
+        from livemig.migration.params import MigrationConfigError
+
+        try:
+            ctl.params.set(tls_params)
+        except MigrationConfigError as e:
+            print(f"livemig vm: {e}", file=sys.stderr)
+            machine.close()
+            return 2
     try:
         qmp.start()
     except OSError as e:
@@ -174,7 +187,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from livemig.control.qmp_client import QMPClient, QMPClientError
 
     with QMPClient(args.qmp) as c:
-        params: dict[str, int] = {}
+        params: dict[str, Any] = {}
+        if args.tls_creds is not None:
+            params["tls-creds"] = args.tls_creds
+        if args.tls_hostname is not None:
+            params["tls-hostname"] = args.tls_hostname
+        if args.overwrite:
+            params["x-file-overwrite"] = True
         if args.max_bandwidth is not None:
             params["max-bandwidth"] = args.max_bandwidth
         if args.downtime_limit is not None:
@@ -260,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     mig.add_argument("uri")
     mig.add_argument("--max-bandwidth", type=parse_size)
     mig.add_argument("--downtime-limit", type=int, help="ms")
+    mig.add_argument("--tls-creds", help="TLS credentials directory (QEMU's x509 layout)")
+    mig.add_argument("--tls-hostname", help="name the destination's certificate must match")
+    mig.add_argument("--overwrite", action="store_true",
+                     help="a file: target may replace an existing file (x-file-overwrite)")
     mig.add_argument("--json", action="store_true")
     mig.set_defaults(func=cmd_migrate)
     info = sub.add_parser("info", help="show a VM's state (via its QMP socket)")
@@ -278,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("inspect", help="read a migration stream file (see livemig inspect --help)")
+    from livemig.cli_snapshot import add_snapshot_commands
+
+    add_snapshot_commands(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

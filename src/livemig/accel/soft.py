@@ -2,7 +2,8 @@
 
 KVM marks pages dirty in the kernel; a software guest has no MMU to do that, so every guest
 write goes through :meth:`SoftAccel.write_pages`, which performs the write in bulk (one
-numpy assignment for a batch of pages) and then sets the pages' bits in a
+``memmove`` per run of pages, with the GIL released, so a vCPU that faults on a page that
+postcopy has not brought yet blocks only itself) and then sets the pages' bits in a
 :class:`~livemig.memory.dirty_log.BitmapDirtyLog` — what QEMU's TCG does with its dirty
 memory bitmap.
 
@@ -14,11 +15,13 @@ prove that a well-behaved workload never touched unplugged blocks.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Callable
 
 import numpy as np
 
+from livemig.memory import hostmem
 from livemig.memory.dirty_log import BitmapDirtyLog
 from livemig.memory.discard_manager import Section
 from livemig.memory.region import GuestMemoryMap, MemoryRegion
@@ -102,13 +105,11 @@ class SoftAccel:
             ps = block.page_size
             if not mr.rdm.is_populated(Section(mr, lo * ps, (hi - lo) * ps)):
                 self.discarded_writes += self._count_discarded(mr, pages)
-        view = block.pages_array(0, block.max_length)
         first, n = int(pages[0]), len(pages)
-        if int(pages[-1]) - first + 1 == n:  # contiguous: slice copy, range mark
-            view[first : first + n] = data
+        _store_pages(block, pages, data)  # GIL released: see _store_pages
+        if int(pages[-1]) - first + 1 == n:
             self.dirty_log.mark_range(block, first, n)
         else:
-            view[pages] = data
             self.dirty_log.mark(block, pages)
 
     @staticmethod
@@ -134,12 +135,28 @@ class SoftAccel:
         pages = np.arange(first, last + 1, dtype=np.int64)
         if mr.rdm is not None and mr.is_discarded(first * block.page_size, len(pages) * block.page_size):
             self.discarded_writes += self._count_discarded(mr, pages)
-        block.view[off:end] = data
+        buf = bytes(data)
+        hostmem.memmove(block.host + off, ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value, len(buf))
         self.dirty_log.mark(block, pages)
 
     def read(self, gpa: int, length: int) -> bytes:
         mr, off = self.memory.lookup(gpa)
-        return bytes(mr.block.view[off : off + length])
+        out = ctypes.create_string_buffer(length)
+        hostmem.memmove(ctypes.addressof(out), mr.block.host + off, length)  # GIL released
+        return out.raw
+
+    def read_pages(self, mr: MemoryRegion, pages: np.ndarray) -> np.ndarray:
+        """Copies of whole pages (sorted indices) of one region, read without the GIL."""
+        block = mr.block
+        ps = block.page_size
+        out = np.empty((len(pages), ps), np.uint8)
+        for i, e in _runs(pages):
+            hostmem.memmove(out.ctypes.data + i * ps, block.host + int(pages[i]) * ps, (e - i) * ps)
+        return out
+
+    def vcpu_native_ids(self) -> list[int]:
+        """Kernel thread ids of the vCPU threads (postcopy blocktime is per vCPU)."""
+        return [t.native_id for t in self._threads if t.native_id is not None]
 
     # -- vCPU threads ---------------------------------------------------------------------
     def start_vcpus(self, count: int, body: Callable[[int, VcpuPauser], None]) -> None:
@@ -165,3 +182,33 @@ class SoftAccel:
         self.pauser.stop()
         for t in self._threads:
             t.join(timeout=5)
+
+
+def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """[i, e) index ranges of ``pages`` (sorted) that are consecutive page numbers."""
+    n = len(pages)
+    if n == 0:
+        return []
+    brk = np.flatnonzero(np.diff(pages) != 1) + 1
+    return list(zip(np.r_[0, brk].tolist(), np.r_[brk, n].tolist(), strict=True))
+
+
+def _store_pages(block: object, pages: np.ndarray, data: np.ndarray | int) -> None:
+    """Copy whole pages into guest RAM with ctypes ``memmove``/``memset``, one call per run.
+
+    ctypes releases the GIL for the call, so a store that faults on a page postcopy has
+    not brought yet blocks this vCPU thread only; the process (and the postcopy fault
+    handler, the loader, QMP) keeps running. A numpy assignment would fault while holding
+    the GIL (docs/postcopy.md).
+    """
+    ps = block.page_size  # type: ignore[attr-defined]
+    host = block.host  # type: ignore[attr-defined]
+    if np.ndim(data) == 0:
+        value = int(data) & 0xFF  # type: ignore[arg-type]
+        for i, e in _runs(pages):
+            ctypes.memset(host + int(pages[i]) * ps, value, (e - i) * ps)
+        return
+    arr = np.ascontiguousarray(np.broadcast_to(np.asarray(data, np.uint8), (len(pages), ps)))
+    base = arr.ctypes.data
+    for i, e in _runs(pages):
+        hostmem.memmove(host + int(pages[i]) * ps, base + i * ps, (e - i) * ps)

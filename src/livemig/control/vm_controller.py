@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any
 
+from livemig.control.postcopy_commands import PostcopyCommands
 from livemig.control.qmp_server import QMPError, QMPServer
 from livemig.devices.virtio_mem import VirtioMemError
 from livemig.machine import Machine
@@ -21,11 +22,13 @@ from livemig.migration.channels import URIError, parse_uri
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.outgoing import OutgoingMigration
 from livemig.migration.params import Capabilities, MigrationConfigError, Parameters
+from livemig.migration.snapshot import BackgroundSnapshot, write_tracking_problem
+from livemig.migration.tls import TLSClient, TLSConfigError, TLSServer
 
 log = logging.getLogger(__name__)
 
 
-class VMController:
+class VMController(PostcopyCommands):
     """Owns one machine and its migrations; registers the QMP commands."""
 
     def __init__(self, machine: Machine, qmp: QMPServer | None = None, autostart: bool = True):
@@ -33,6 +36,7 @@ class VMController:
         self.qmp = qmp
         self.autostart = autostart
         self.caps = Capabilities()
+        self.caps.write_tracking = lambda: write_tracking_problem(machine.blocks)
         self.params = Parameters()
         self.outgoing: OutgoingMigration | None = None
         self.incoming: IncomingMigration | None = None
@@ -83,8 +87,10 @@ class VMController:
             "x-query-guest-checksum": self.x_query_guest_checksum,
             "x-query-ram-allocation": self.x_query_ram_allocation,
             "x-query-guest": self.x_query_guest,
+            "x-load-memory": self.x_load_memory,
         }.items():
             qmp.register(name, fn)
+        self.register_postcopy(qmp)
 
     # -- run state ------------------------------------------------------------------------------------
     def query_status(self) -> dict[str, Any]:
@@ -156,7 +162,7 @@ class VMController:
         if uri is None:
             raise QMPError("Parameter 'uri' is missing")
         if resume:
-            raise QMPError("There is no postcopy migration to resume")
+            return self.migrate_resume(uri)
         if blk or inc:
             raise QMPError("Block migration is not supported")
         with self._lock:
@@ -168,8 +174,20 @@ class VMController:
                 target = parse_uri(uri)
             except URIError as e:
                 raise QMPError(str(e)) from e
-            self.outgoing = OutgoingMigration(self.machine, target, self.caps, self.params, self.emit)
+            self._check_tls_source(target)
+            self.check_postcopy_start(target)
+            cls = BackgroundSnapshot if self.caps["background-snapshot"] else OutgoingMigration
+            self.outgoing = cls(self.machine, target, self.caps, self.params, self.emit)
             self.outgoing.start()
+
+    def _check_tls_source(self, target: Any) -> None:
+        """Refuse TLS settings that cannot work now, not later in the migration thread."""
+        try:
+            client = TLSClient.from_params(self.params, target)
+        except TLSConfigError as e:
+            raise QMPError(str(e)) from e
+        if client is not None and self.caps.enabled.get("zero-copy-send"):
+            raise QMPError("Zero copy only available for non-compressed non-TLS multifd migration")
 
     def migrate_incoming(self, uri: str) -> None:
         with self._lock:
@@ -178,14 +196,17 @@ class VMController:
             if self.incoming is not None and self.incoming.status not in (status.FAILED,):
                 raise QMPError("The incoming migration has already been started")
             try:
+                target = parse_uri(uri)
+                tls = TLSServer.from_params(self.params, target)
                 self.incoming = IncomingMigration(
-                    self.machine, parse_uri(uri), self.caps, self.emit, autostart=self.autostart
+                    self.machine, target, self.caps, self.emit, autostart=self.autostart, tls=tls
                 )
-            except (URIError, OSError) as e:
+            except (URIError, OSError, TLSConfigError) as e:
                 raise QMPError(f"Failed to start incoming migration: {e}") from e
             self.incoming.start()
 
     def migrate_cancel(self) -> None:
+        self.check_cancel_allowed()
         if self.outgoing is not None:
             self.outgoing.cancel()
 
@@ -215,11 +236,23 @@ class VMController:
         max_bandwidth: int | None = None,
         downtime_limit: int | None = None,
         x_clear_bitmap_shift: int | None = None,
+        multifd_channels: int | None = None,
+        tls_creds: str | None = None,
+        tls_hostname: str | None = None,
+        tls_authz: str | None = None,
+        x_file_overwrite: bool | None = None,
+        max_postcopy_bandwidth: int | None = None,
     ) -> None:
         given = {
             "max-bandwidth": max_bandwidth,
             "downtime-limit": downtime_limit,
             "x-clear-bitmap-shift": x_clear_bitmap_shift,
+            "multifd-channels": multifd_channels,
+            "tls-creds": tls_creds,
+            "tls-hostname": tls_hostname,
+            "tls-authz": tls_authz,
+            "x-file-overwrite": x_file_overwrite,
+            "max-postcopy-bandwidth": max_postcopy_bandwidth,
         }
         try:
             self.params.set({k: v for k, v in given.items() if v is not None})
@@ -260,6 +293,18 @@ class VMController:
                 entry["discarded"] = int(sum(int(s) for s in sizes))
             out.append(entry)
         return out
+
+    def x_load_memory(self, id: str, path: str, offset: int = 0, size: int | None = None) -> dict[str, Any]:
+        """Copy a file's data into RAM block ``id`` (benchmarks: same bytes as a QEMU VM)."""
+        from livemig.memory.file_content import load_from_file
+
+        mr = next((r for r in self.machine.memory.regions if r.block.idstr == id), None)
+        if mr is None:
+            raise QMPError(f"RAM block '{id}' not found")
+        try:
+            return load_from_file(mr, path, offset, size)
+        except (OSError, ValueError) as e:
+            raise QMPError(str(e)) from e
 
     def x_query_guest(self) -> dict[str, Any]:
         m = self.machine

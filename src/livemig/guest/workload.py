@@ -32,6 +32,7 @@ class WorkloadConfig:
     prefill: bool = True  # write every working-set page once, like a guest that used its RAM
     batch_pages: int = 64
     seed: int = 1
+    reads: int = 0  # pages each vCPU also reads per batch (GIL-free copies, as a guest load)
 
     def __post_init__(self) -> None:
         if self.content not in CONTENTS:
@@ -46,6 +47,8 @@ class Workload:
         self.usable = usable
         self.config = config
         self.pages_written = 0
+        self.pages_read = 0
+        self.read_digest = 0  # XOR of the first word of every page read: reads are used
         self.counter = 0
         self._fill: deque[tuple[MemoryRegion, int, int]] = deque()
         self._fill_lock = threading.Lock()
@@ -156,6 +159,13 @@ class Workload:
             pages = np.unique(first + rng.integers(0, span, cfg.batch_pages))
             self.accel.write_pages(r.mr, pages, self._content(rng, len(pages)))
             self.pages_written += len(pages)
+            if cfg.reads and hasattr(self.accel, "read_pages"):
+                q = int(rng.integers(0, total))
+                rr, rfirst, ravail = self.usable.range_at(q, total)
+                rpages = np.unique(rfirst + rng.integers(0, min(ravail, 16 * cfg.reads), cfg.reads))
+                got = self.accel.read_pages(rr.mr, rpages)
+                self.read_digest ^= int(np.bitwise_xor.reduce(got.view(np.uint64)[:, 0]))
+                self.pages_read += len(rpages)
             return len(pages)
 
     def state(self) -> dict[str, int]:

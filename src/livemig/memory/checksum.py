@@ -10,15 +10,35 @@ them (platform notes, section 1): the checksum must not disturb what it measures
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from livemig.memory import hostmem
 from livemig.memory.discard_manager import Section
+from livemig.memory.ram_block import RAMBlock
 from livemig.memory.region import MemoryRegion
 
 _CHUNK = 64 << 20
+_COPY = 4 << 20
+_local = threading.local()
+
+
+def _copy_rows(block: RAMBlock, offset: int, length: int) -> np.ndarray:
+    """A private copy of [offset, offset+length) as (pages, page_size) rows.
+
+    The copy is a ``memmove`` through ctypes, which releases the GIL: if a page is still
+    missing on a postcopy destination, this thread waits for it without stopping the rest
+    of the process (the fault handler, the loader, the vCPUs). numpy then works on the
+    copy, never on guest memory that could fault.
+    """
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = np.empty(_COPY, np.uint8)
+    hostmem.memmove(buf.ctypes.data, block.host + offset, length)
+    return buf[:length].reshape(-1, block.page_size)
 
 
 def content_ranges(mr: MemoryRegion) -> list[tuple[int, int]]:
@@ -50,17 +70,18 @@ def _window_digest(mr: MemoryRegion, lo: int, hi: int, ranges: list[tuple[int, i
         s, e = max(off, lo), min(off + length, hi)
         if s >= e:
             continue
-        for start, end in block.data_extents(s, e - s):
-            rows = block.pages_array(start, end - start)
-            nz = nonzero_pages(rows)
-            if not len(nz):
-                continue
-            found = True
-            h_idx.update((nz + start // ps).astype("<i8").tobytes())
-            if len(nz) == len(rows):
-                h_data.update(memoryview(rows).cast("B"))
-            else:
-                h_data.update(rows[nz].tobytes())
+        for ext_start, ext_end in block.data_extents(s, e - s):
+            for start in range(ext_start, ext_end, _COPY):
+                rows = _copy_rows(block, start, min(ext_end, start + _COPY) - start)
+                nz = nonzero_pages(rows)
+                if not len(nz):
+                    continue
+                found = True
+                h_idx.update((nz + start // ps).astype("<i8").tobytes())
+                if len(nz) == len(rows):
+                    h_data.update(memoryview(rows).cast("B"))
+                else:
+                    h_data.update(rows[nz].tobytes())
     return h_idx.digest() + h_data.digest() if found else b""
 
 

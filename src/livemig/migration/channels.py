@@ -8,10 +8,12 @@ megabytes per call.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 SOCK_BUF = 4 << 20
 
@@ -62,8 +64,13 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect(uri: MigrationURI, timeout: float = 10.0) -> socket.socket:
-    """Open the outgoing side of a socket channel."""
+def connect(uri: MigrationURI, timeout: float = 10.0, tls: Any = None) -> socket.socket:
+    """Open the outgoing side of a socket channel.
+
+    With ``tls`` (a :class:`livemig.migration.tls.TLSClient`) the connection is returned
+    as a :class:`~livemig.migration.tls.TLSChannel` after a verified handshake: every
+    channel of a migration (main, extra, reconnect) goes through here with the same one.
+    """
     if uri.scheme == "tcp":
         sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
     elif uri.scheme == "unix":
@@ -78,14 +85,15 @@ def connect(uri: MigrationURI, timeout: float = 10.0) -> socket.socket:
         raise URIError(f"{uri} is not a socket URI")
     sock.settimeout(None)
     _tune(sock)
-    return sock
+    return sock if tls is None else tls.wrap(sock)
 
 
 class Listener:
     """The incoming side: bound at once (so the port is known), accepts one connection."""
 
-    def __init__(self, uri: MigrationURI):
+    def __init__(self, uri: MigrationURI, tls: Any = None):
         self.uri = uri
+        self.tls = tls  # livemig.migration.tls.TLSServer: accept() hands out TLS channels
         if uri.scheme == "tcp":
             infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
             family, _, _, _, addr = infos[0]
@@ -108,7 +116,7 @@ class Listener:
         conn, _ = self.sock.accept()
         conn.settimeout(None)
         _tune(conn)
-        return conn
+        return conn if self.tls is None else self.tls.wrap(conn)
 
     def close(self) -> None:
         self.sock.close()
@@ -129,11 +137,34 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
-def open_file_for_write(path: str, overwrite: bool = True) -> int:
-    """Create a ``file:`` target without following a symlink at the final component."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    flags |= os.O_TRUNC if overwrite else os.O_EXCL
-    return os.open(path, flags, 0o600)
+def open_file_for_write(path: str, overwrite: bool = False) -> int:
+    """Create a ``file:`` target (mode 0600) without following a symlink at the final
+    component. An existing file is an error unless ``overwrite`` (the ``x-file-overwrite``
+    parameter), and even then only a regular file is truncated: never a symlink, a FIFO
+    or a device."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    if not overwrite:
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise FileExistsError(
+            errno.EEXIST, "file exists (set x-file-overwrite to replace it)", path
+        ) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symbolic link, not followed", path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file, not overwritten", path)
+        if overwrite:
+            os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_file_for_read(path: str) -> int:

@@ -24,9 +24,11 @@ from livemig.migration.channels import Listener, MigrationURI, open_file_for_rea
 from livemig.migration.device_state import DeviceSection, device_sections
 from livemig.migration.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessage, SectionType
 from livemig.migration.params import KNOWN_CAPABILITIES, Capabilities
+from livemig.migration.postcopy import POSTCOPY_COMMANDS, incoming_command
 from livemig.migration.prefault import Prefaulter
 from livemig.migration.qemu_file import QEMUFileReader, StreamError
 from livemig.migration.ram_load import RamLoader
+from livemig.migration.tls import TLSError, TLSServer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class IncomingMigration:
         caps: Capabilities,
         emit: status.EventFn = status.no_events,
         autostart: bool = True,
+        tls: TLSServer | None = None,
     ):
         if machine.runstate != "inmigrate":
             raise RuntimeError("the VM is not waiting for an incoming migration")
@@ -64,8 +67,13 @@ class IncomingMigration:
         self.done = threading.Event()
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
+        self.tls = tls
+        self.multifd: Any = None  # multifd.MultifdReceiver while the multifd capability is on
+        self.postcopy: Any = None  # postcopy.PostcopyIncoming with postcopy-ram (see postcopy.py)
         if uri.scheme in ("tcp", "unix"):
-            self._listener = Listener(uri)  # bind now: a busy port is the caller's error
+            # bind now: a busy port is the caller's error; with tls, accept() hands out
+            # TLS channels (the same for every connection of this migration)
+            self._listener = Listener(uri, tls=tls)
             self.uri = self._listener.uri
 
     def start(self) -> None:
@@ -75,6 +83,8 @@ class IncomingMigration:
 
     def cancel(self) -> None:
         self._cancel.set()
+        if self.multifd is not None:
+            self.multifd.abort()
         for s in (self._sock, self._listener.sock if self._listener else None):
             if s is not None:
                 try:
@@ -96,9 +106,7 @@ class IncomingMigration:
         fd = -1
         try:
             if self._listener is not None:
-                self._sock = self._listener.accept()
-                self._listener.close()
-                self._listener = None
+                self._sock = self._accept_main()
                 reader = QEMUFileReader(self._sock, READ_BUFFER)
             else:
                 fd = open_file_for_read(self.uri.path)
@@ -106,7 +114,12 @@ class IncomingMigration:
             self.start_time = time.monotonic()
             self._set_status(status.ACTIVE)
             self.loader.prefault = Prefaulter(self.machine.memory.regions)
-            self._load(reader)
+            if self.postcopy is None:
+                self._load(reader)
+            elif self.postcopy.load(reader):  # ended in postcopy: the guest runs already
+                return
+            if self.multifd is not None:  # channels stopped and joined before the guest runs
+                self.multifd.finish()
             self.loader.prefault.stop()
             self.loader.prefault.release_unused(self.loader.maybe_data)
             self._send_shut(0)
@@ -117,7 +130,9 @@ class IncomingMigration:
                 self.machine.set_runstate("paused")
             self._set_status(status.COMPLETED)
         except Exception as e:
-            desc = str(e) if isinstance(e, StreamError) else f"{type(e).__name__}: {e}"
+            desc = str(e) if isinstance(e, (StreamError, TLSError)) else f"{type(e).__name__}: {e}"
+            if self.multifd is not None and self.multifd.error and not self._cancel.is_set():
+                desc = self.multifd.error  # the cause, not the main stream's symptom
             if self._cancel.is_set():
                 desc = "incoming migration cancelled"
             log.info("incoming migration failed: %s", desc)
@@ -126,6 +141,8 @@ class IncomingMigration:
             self._set_status(status.FAILED)
         finally:
             self.end_time = time.monotonic()
+            if self.multifd is not None:
+                self.multifd.close()
             if self.loader.prefault is not None:
                 self.loader.prefault.stop()
             if self._listener is not None:
@@ -135,6 +152,24 @@ class IncomingMigration:
             if fd >= 0:
                 os.close(fd)
             self.done.set()
+
+    def _accept_main(self) -> socket.socket:
+        """The main connection; with multifd, channels are accepted around it (multifd.py)."""
+        assert self._listener is not None
+        if self.caps["multifd"]:
+            from livemig.migration.multifd import MultifdReceiver
+
+            return MultifdReceiver.attach(self)
+        sock = self._listener.accept()
+        if self.caps["postcopy-ram"]:  # capabilities as set when the source connects
+            from livemig.migration.postcopy import PostcopyIncoming
+
+            self.postcopy = PostcopyIncoming(self)
+            self.postcopy.listener, self._listener = self._listener, None  # postcopy channel
+            return sock
+        self._listener.close()
+        self._listener = None
+        return sock
 
     def _send_shut(self, value: int) -> None:
         if not self._rp_open or self._sock is None:
@@ -263,6 +298,8 @@ class IncomingMigration:
                 (value,) = struct.unpack(">I", payload)
                 raise StreamError(at, f"CMD_PING (0x{value:x}) received with no return path")
             self._sock.sendall(struct.pack(">HH", RPMessage.PONG, len(payload)) + payload)
+        elif cmd in POSTCOPY_COMMANDS:
+            incoming_command(self, command, r, at)
         else:
             raise StreamError(at, f"unsupported migration command {int(cmd)}")
 
@@ -279,6 +316,8 @@ class IncomingMigration:
                 "normal-bytes": self.loader.bytes_loaded,
                 "page-size": 4096,
             }
+            if self.postcopy is not None and self.postcopy.state:
+                out["ram"].update(self.postcopy.info())
         if self.error_desc:
             out["error-desc"] = self.error_desc
         return out

@@ -36,6 +36,7 @@ from livemig.migration.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessa
 from livemig.migration.params import Capabilities, Parameters
 from livemig.migration.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
 from livemig.migration.ram_save import TARGET_PAGE_SIZE, RamSaver
+from livemig.migration.tls import TLSClient
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class OutgoingMigration:
         self.uri = uri
         self.caps = caps
         self.params = params
+        # TLS for every socket of this migration (None without tls-creds): pass it to
+        # channels.connect() for extra channels and reconnects too (docs/security.md)
+        self.tls: TLSClient | None = TLSClient.from_params(params, uri)
         self._emit = emit
         self.status = status.NONE
         self.error_desc: str | None = None
@@ -89,6 +93,12 @@ class OutgoingMigration:
         self._stopped_guest = False
         self._was_running = False
         self._thread: threading.Thread | None = None
+        self.multifd: Any = None  # multifd.MultifdSender while the multifd capability is on
+        self.postcopy: Any = None  # postcopy_source.PostcopySource with postcopy-ram
+        if caps["postcopy-ram"]:
+            from livemig.migration.postcopy_source import PostcopySource
+
+            self.postcopy = PostcopySource(self)
         self.done = threading.Event()
 
     # -- public -------------------------------------------------------------------------------
@@ -108,6 +118,8 @@ class OutgoingMigration:
             return
         self._cancel.set()
         self._set_status(status.CANCELLING)
+        if self.multifd is not None:
+            self.multifd.abort()
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -137,9 +149,13 @@ class OutgoingMigration:
     def _main(self) -> None:
         try:
             self._open()
+            self._start_multifd()
             self._setup()
             self._iterate()
-            self._complete()
+            if self.postcopy is not None and self.postcopy.start_requested.is_set():
+                self.postcopy.run()  # switchover to postcopy; pauses instead of failing
+            else:
+                self._complete()
         except MigrationCancelled:
             self._fail(status.CANCELLED, None)
         except Exception as e:  # every failure ends here: keep the guest alive
@@ -157,10 +173,10 @@ class OutgoingMigration:
 
     def _open(self) -> None:
         if self.uri.scheme == "file":
-            self._fd = open_file_for_write(self.uri.path)
+            self._fd = open_file_for_write(self.uri.path, overwrite=self.params.x_file_overwrite)
             self._w = QEMUFileWriter(os.fdopen(self._fd, "wb", buffering=0, closefd=False), 4 << 20)
         else:
-            self._sock = connect(self.uri)
+            self._sock = connect(self.uri, tls=self.tls)
             self._w = QEMUFileWriter(self._sock, 4 << 20)
 
     def _setup(self) -> None:
@@ -170,6 +186,8 @@ class OutgoingMigration:
         self._config_desc = savevm.write_configuration(w, self.machine_type)
         if self._sock is not None:
             savevm.write_command(w, MigCommand.OPEN_RETURN_PATH, b"")
+            if self.postcopy is not None:
+                self.postcopy.send_advise(w)
             self._rp_thread = threading.Thread(target=self._return_path, name="migration-rp", daemon=True)
             self._rp_thread.start()
         self._ram_id = 0
@@ -207,6 +225,8 @@ class OutgoingMigration:
         window_start, window_bytes = time.monotonic(), w.bytes_written
         while True:
             self._check_cancel()
+            if self.postcopy is not None and self.postcopy.start_requested.is_set():
+                return  # migrate-start-postcopy
             bw = self.params.max_bandwidth
             slice_bytes = max(int(bw * RATE_WINDOW), TARGET_PAGE_SIZE) if bw else SLICE_BYTES
             savevm.start_section(w, SectionType.PART, self._ram_id)
@@ -306,7 +326,18 @@ class OutgoingMigration:
             self._stopped_guest = False
         self._set_status(final)
 
+    def _start_multifd(self) -> None:
+        """multifd: open the channels; RAM pages travel on them (see multifd.py)."""
+        if self.caps["multifd"]:
+            from livemig.migration.multifd import MultifdSender
+
+            self.multifd = MultifdSender.attach(self)
+
     def _close(self) -> None:
+        if self.multifd is not None:
+            self.multifd.close(self.saver.stats)
+        if self.postcopy is not None:
+            self.postcopy.close()
         if self._w is not None:
             try:
                 self._w.close()
@@ -336,6 +367,8 @@ class OutgoingMigration:
                     (self._rp_result,) = struct.unpack(">I", payload[:4])
                     return
                 if kind == RPMessage.PONG:
+                    continue
+                if self.postcopy is not None and self.postcopy.rp_message(kind, payload, r):
                     continue
                 self._rp_error = f"unexpected return-path message {kind}"
                 return
@@ -373,16 +406,18 @@ class OutgoingMigration:
             "dirty-sync-count": st.dirty_sync_count,
             "postcopy-requests": st.postcopy_requests,
             "page-size": TARGET_PAGE_SIZE,
-            "multifd-bytes": 0,
+            "multifd-bytes": self.multifd.bytes_sent() if self.multifd is not None else 0,
             "pages-per-second": int((st.normal + st.duplicate) / secs),
             "precopy-bytes": st.precopy_bytes or transferred,
             "downtime-bytes": st.downtime_bytes,
             "postcopy-bytes": st.postcopy_bytes,
-            "dirty-sync-missed-zero-copy": 0,
+            "dirty-sync-missed-zero-copy": self.multifd.syncs_missed_zerocopy if self.multifd else 0,
             "discarded-skipped-bytes": st.discarded_bytes,
             "hole-pages-skipped": st.holes_skipped,
             "pages-read": st.pages_read,
         }
+        if self.postcopy is not None:
+            out["ram"].update(self.postcopy.info_ram())
         if self.error_desc:
             out["error-desc"] = self.error_desc
         return out

@@ -7,6 +7,8 @@ known (so QEMU tooling gets a precise "not supported" error instead of "unknown"
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -35,16 +37,46 @@ KNOWN_CAPABILITIES = (
     "dirty-limit",
     "mapped-ram",
 )
-SUPPORTED_CAPABILITIES = ("events", "return-path")
+SUPPORTED_CAPABILITIES = ("events", "return-path", "multifd", "zero-copy-send", "background-snapshot")
+SUPPORTED_CAPABILITIES += ("postcopy-ram", "postcopy-blocktime", "postcopy-preempt")
 
 
 class MigrationConfigError(ValueError):
     """Bad capability or parameter; the message is what QMP reports."""
 
 
+# QEMU's check_caps_background_snapshot (reference 5.2)
+BACKGROUND_SNAPSHOT_INCOMPATIBLE = (
+    "postcopy-ram", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "return-path",
+    "multifd", "pause-before-switchover", "auto-converge", "release-ram", "rdma-pin-all",
+    "xbzrle", "x-colo", "validate-uuid", "zero-copy-send",
+)
+
+
+def check_background_snapshot(caps: dict[str, bool], write_tracking: Callable[[], str | None] | None) -> None:
+    """``migrate_caps_check`` for background-snapshot: write tracking, then the other caps.
+
+    ``write_tracking`` returns QEMU's message if the kernel or the guest memory cannot be
+    write-protected (None: probe the kernel only).
+    """
+    if write_tracking is None:
+        from livemig.migration.snapshot import write_tracking_problem
+
+        problem = write_tracking_problem([])
+    else:
+        problem = write_tracking()
+    if problem:
+        raise MigrationConfigError(problem)
+    for name in BACKGROUND_SNAPSHOT_INCOMPATIBLE:
+        if caps.get(name):
+            raise MigrationConfigError(f"Background-snapshot is not compatible with {name}")
+
+
 @dataclass
 class Capabilities:
     enabled: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(KNOWN_CAPABILITIES, False))
+    # the machine's write-tracking probe (snapshot.write_tracking_problem over its blocks)
+    write_tracking: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, name: str) -> bool:
         return self.enabled[name]
@@ -67,6 +99,12 @@ class Capabilities:
             if state and name not in SUPPORTED_CAPABILITIES:
                 raise MigrationConfigError(f"Migration capability '{name}' is not supported by livemig")
             staged[name] = state
+        if staged["postcopy-preempt"] and not staged["postcopy-ram"]:
+            raise MigrationConfigError("Postcopy preempt requires postcopy-ram")
+        if staged["postcopy-ram"] and staged["multifd"]:
+            raise MigrationConfigError("postcopy-ram together with multifd is not supported by livemig")
+        if staged["background-snapshot"]:
+            check_background_snapshot(staged, self.write_tracking)
         self.enabled = staged
 
     def query(self) -> list[dict[str, Any]]:
@@ -78,16 +116,40 @@ class Parameters:
     max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU's default is 128 MiB/s)
     downtime_limit: int = 300  # ms
     x_clear_bitmap_shift: int = 18
+    multifd_channels: int = 2  # extra connections for RAM pages when multifd is on
+    tls_creds: str = ""  # directory in QEMU's x509 layout; "" = no TLS (migration.tls)
+    tls_hostname: str = ""  # name the destination's certificate must match; "" = URI host
+    tls_authz: str = ""  # comma-separated client certificate names accepted; "" = any
+    x_file_overwrite: bool = False  # a file: target may replace an existing regular file
+    max_postcopy_bandwidth: int = 0  # bytes/s of the background push in postcopy; 0 = unlimited
+
+    _OTHER_FIELDS: ClassVar[dict[str, tuple[str, type]]] = {
+        "tls-creds": ("tls_creds", str),
+        "tls-hostname": ("tls_hostname", str),
+        "tls-authz": ("tls_authz", str),
+        "x-file-overwrite": ("x_file_overwrite", bool),
+    }
 
     _FIELDS: ClassVar[dict[str, tuple[str, int, int]]] = {
         "max-bandwidth": ("max_bandwidth", 0, 1 << 62),
         "downtime-limit": ("downtime_limit", 0, 2_000_000),
         "x-clear-bitmap-shift": ("x_clear_bitmap_shift", 6, 31),
+        "multifd-channels": ("multifd_channels", 1, 255),
+        "max-postcopy-bandwidth": ("max_postcopy_bandwidth", 0, 1 << 62),
     }
 
     def set(self, changes: dict[str, Any]) -> None:
-        staged: dict[str, int] = {}
+        staged: dict[str, Any] = {}
         for key, value in changes.items():
+            if key in self._OTHER_FIELDS:
+                attr, kind = self._OTHER_FIELDS[key]
+                if type(value) is not kind:
+                    expected = "string" if kind is str else "boolean"
+                    raise MigrationConfigError(f"Invalid parameter type for '{key}', expected: {expected}")
+                if key == "tls-creds" and value and not os.path.isdir(value):
+                    raise MigrationConfigError(f"Parameter 'tls-creds': {value} is not a directory")
+                staged[attr] = value
+                continue
             if key not in self._FIELDS:
                 raise MigrationConfigError(f"Parameter '{key}' is unexpected")
             attr, lo, hi = self._FIELDS[key]
@@ -101,5 +163,7 @@ class Parameters:
         for attr, value in staged.items():
             setattr(self, attr, value)
 
-    def query(self) -> dict[str, int]:
-        return {key: getattr(self, attr) for key, (attr, _, _) in self._FIELDS.items()}
+    def query(self) -> dict[str, Any]:
+        out: dict[str, Any] = {key: getattr(self, attr) for key, (attr, _, _) in self._FIELDS.items()}
+        out.update({key: getattr(self, attr) for key, (attr, _) in self._OTHER_FIELDS.items()})
+        return out

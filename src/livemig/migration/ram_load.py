@@ -18,6 +18,8 @@ Rules the destination keeps (reference 3.8):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from livemig.memory.bitmap import Bitmap
@@ -54,6 +56,10 @@ class RamLoader:
         self._pages = {b.idstr: b.pages_array(0, b.max_length) for b in blocks}
         self._block: RAMBlock | None = None
         self.prefault: Prefaulter | None = None
+        self.multifd: Any = None  # multifd.MultifdReceiver: pages also arrive on its channels
+        # postcopy.PostcopyIncoming after POSTCOPY_LISTEN: pages are placed with UFFDIO_COPY
+        # (never written into registered memory), ZERO records only remembered
+        self.placer: Any = None
         self.pages_loaded = 0
         self.zero_records = 0
         self.zero_pages_written = 0
@@ -103,6 +109,8 @@ class RamLoader:
     # -- iterations -----------------------------------------------------------------------------
     def start_section(self) -> None:
         self._block = None
+        if self.multifd is not None:
+            self.multifd.section_started()
 
     def load(self, r: QEMUFileReader) -> None:
         """Load page records up to and including EOS."""
@@ -132,6 +140,8 @@ class RamLoader:
             if flags & RamFlag.MULTIFD_FLUSH:
                 if flags != RamFlag.MULTIFD_FLUSH:
                     raise StreamError(at, f"malformed MULTIFD_FLUSH record 0x{hdr:016x}")
+                if self.multifd is not None:  # wait until every channel's round is in
+                    self.multifd.flush(at)
                 continue
             if flags & RamFlag.MEM_SIZE:
                 raise StreamError(at, "MEM_SIZE record outside the RAM setup section")
@@ -162,7 +172,11 @@ class RamLoader:
                     raise StreamError(
                         r.tell(), f"truncated stream: RAM page of {TARGET_PAGE_SIZE} bytes, got {got}"
                     )
-                r.readinto_exact(memoryview(self._pages[block.idstr][page]))
+                if self.placer is not None:
+                    data = np.frombuffer(r.read_exact(TARGET_PAGE_SIZE), np.uint8).reshape(1, -1)
+                    self.placer.place_pages(block, np.array([page], np.int64), data)
+                else:
+                    r.readinto_exact(memoryview(self._pages[block.idstr][page]))
                 self.received[block.idstr].set_range(page, 1)
                 self.maybe_data[block.idstr].set_range(page, 1)
                 self.pages_loaded += 1
@@ -204,7 +218,10 @@ class RamLoader:
             self.prefault.data_arrived(
                 self._block.idstr, int(pages[0]) << TARGET_PAGE_BITS, (int(pages[-1]) + 1) << TARGET_PAGE_BITS
             )
-        self._pages[self._block.idstr][pages] = data
+        if self.placer is not None:
+            self.placer.place_pages(self._block, pages, data)
+        else:
+            self._pages[self._block.idstr][pages] = data
         _set_bits(self.received[self._block.idstr], pages)
         _set_bits(self.maybe_data[self._block.idstr], pages)
         self.pages_loaded += n
@@ -228,6 +245,9 @@ class RamLoader:
         """Make pages zero without populating memory that is zero already."""
         self.zero_records += len(pages)
         _set_bits(self.received[block.idstr], pages)
+        if self.placer is not None:
+            self.placer.zero_pages(block, pages)
+            return
         words = self.maybe_data[block.idstr].words
         pages = pages[((words[pages >> 6] >> (pages & 63).astype(np.uint64)) & np.uint64(1)) != 0]
         if len(pages) == 0:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -123,6 +124,7 @@ class RamSaver:
         self._zero_buf = zbuf
         self._zero_hdr = np.ndarray((BATCH_PAGES,), ">u8", zbuf, 0, (ZERO_RECORD,))
         self._gather = np.empty((BATCH_PAGES, TARGET_PAGE_SIZE), np.uint8)
+        self.multifd: Any = None  # multifd.MultifdSender: pages go to its channels
 
     # -- totals -------------------------------------------------------------------------------
     @property
@@ -267,6 +269,8 @@ class RamSaver:
                 self._pass_pos = self._send_batch(w, b, nzw, self._pass_pos)
             self._cursor_block += 1
             self._pass_words = None
+        if self.multifd is not None:  # the round is complete: SYNC channels, MULTIFD_FLUSH
+            self.multifd.flush(w, self.stats)
         return True
 
     def _send_batch(self, w: QEMUFileWriter, b: BlockSaveState, nzw: np.ndarray, pos: int) -> int:
@@ -285,7 +289,10 @@ class RamSaver:
             self._clear_log_chunks(b, int(idx[0]), int(idx[-1]) - int(idx[0]) + 1)
         b.bmap.words[widx] = 0
         self.dirty_pages -= len(idx)
-        self.send_pages(w, b, idx)
+        if self.multifd is not None:
+            self.multifd.queue_pages(w, b, idx)
+        else:
+            self.send_pages(w, b, idx)
         return pos + take
 
     def send_pages(self, w: QEMUFileWriter, b: BlockSaveState, idx: np.ndarray) -> None:

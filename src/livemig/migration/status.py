@@ -12,6 +12,12 @@ CANCELLED = "cancelled"
 ACTIVE = "active"
 POSTCOPY_ACTIVE = "postcopy-active"
 POSTCOPY_PAUSED = "postcopy-paused"
+POSTCOPY_DEVICE = "postcopy-device"
+POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
+POSTCOPY_RECOVER = "postcopy-recover"
+POSTCOPY = frozenset(
+    {POSTCOPY_DEVICE, POSTCOPY_ACTIVE, POSTCOPY_PAUSED, POSTCOPY_RECOVER_SETUP, POSTCOPY_RECOVER}
+)
 DEVICE = "device"
 COMPLETED = "completed"
 FAILED = "failed"
