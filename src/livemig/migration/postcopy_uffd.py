@@ -1,4 +1,8 @@
-"""userfaultfd MISSING mode through ctypes, for postcopy: open, register, place pages, faults.
+"""userfaultfd MISSING mode through ctypes, for postcopy: register, place pages, faults.
+
+What MISSING and write-protect mode share (opening, the API handshake, unregister, wake,
+fault messages) lives in :mod:`livemig.migration.userfaultfd`; this module adds only what
+postcopy needs on top.
 
 Only the standard library is used, so the postcopy fault-handler process
 (:mod:`livemig.migration.postcopy_handler`) can import this module without numpy and
@@ -20,47 +24,41 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
 
-SYS_USERFAULTFD = 323  # x86-64
-USERFAULTFD_IOC_NEW = 0xAA00
-UFFD_API = 0xAA
+from livemig.migration.userfaultfd import (
+    MSG_SIZE,
+    UFFD_FEATURE_MISSING_SHMEM,
+    UFFD_FEATURE_THREAD_ID,
+    UFFDIO_REGISTER,
+    UFFDIO_REGISTER_MODE_MISSING,
+    UffdError,
+    _err,
+    _libc,
+    _Range,
+    _Register,
+    parse_faults,
+    unregister,
+    wake,
+)
+from livemig.migration.userfaultfd import open_uffd as _open_uffd
 
-UFFDIO_API = 0xC018AA3F
-UFFDIO_REGISTER = 0xC020AA00
-UFFDIO_UNREGISTER = 0x8010AA01
-UFFDIO_WAKE = 0x8010AA02
+__all__ = [
+    "MSG_SIZE",
+    "Placer",
+    "UffdError",
+    "available",
+    "open_uffd",
+    "parse_faults",
+    "register_missing",
+    "unregister",
+    "wake",
+]
+
 UFFDIO_COPY = 0xC028AA03
 UFFDIO_ZEROPAGE = 0xC020AA04
-
-UFFDIO_REGISTER_MODE_MISSING = 1
 UFFDIO_COPY_MODE_DONTWAKE = 1
 
-UFFD_FEATURE_MISSING_SHMEM = 1 << 5
-UFFD_FEATURE_THREAD_ID = 1 << 8
-
-UFFD_EVENT_PAGEFAULT = 0x12
-UFFD_PAGEFAULT_FLAG_WRITE = 1
-
-MSG_SIZE = 32
-_MSG = struct.Struct("<B7xQQI4x")  # event, flags, address, ptid
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_libc.ioctl.restype = ctypes.c_int
-
-
-class _Api(ctypes.Structure):
-    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
-
-
-class _Range(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Register(ctypes.Structure):
-    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+POSTCOPY_FEATURES = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID
 
 
 class _Copy(ctypes.Structure):
@@ -77,30 +75,13 @@ class _ZeroPage(ctypes.Structure):
     _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
 
 
-class UffdError(OSError):
-    pass
-
-
-def _err(what: str) -> UffdError:
-    e = ctypes.get_errno()
-    return UffdError(e, f"{what}: {os.strerror(e)}")
-
-
-def open_uffd(features: int = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID) -> int:
-    """A new non-blocking, close-on-exec userfaultfd with ``features`` negotiated.
+def open_uffd(features: int = POSTCOPY_FEATURES) -> int:
+    """A new non-blocking, close-on-exec userfaultfd for postcopy.
 
     Kernel-mode faults are included (no ``UFFD_USER_MODE_ONLY``): a page missing under
     ``recv_into`` or ``KVM_RUN`` must be handled like one missing under a guest store.
     """
-    fd = _libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
-    if fd < 0:
-        raise _err("userfaultfd")
-    api = _Api(UFFD_API, features, 0)
-    if _libc.ioctl(fd, UFFDIO_API, ctypes.addressof(api)) != 0:
-        err = _err("UFFDIO_API")
-        os.close(fd)
-        raise err
-    return fd
+    return _open_uffd(features)
 
 
 def available() -> str | None:
@@ -117,18 +98,6 @@ def register_missing(fd: int, start: int, length: int) -> None:
     reg = _Register(_Range(start, length), UFFDIO_REGISTER_MODE_MISSING, 0)
     if _libc.ioctl(fd, UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
         raise _err(f"UFFDIO_REGISTER 0x{start:x}+0x{length:x}")
-
-
-def unregister(fd: int, start: int, length: int) -> None:
-    """Unregister a range; the kernel wakes every thread still waiting in it."""
-    rng = _Range(start, length)
-    if _libc.ioctl(fd, UFFDIO_UNREGISTER, ctypes.addressof(rng)) != 0:
-        raise _err(f"UFFDIO_UNREGISTER 0x{start:x}+0x{length:x}")
-
-
-def wake(fd: int, start: int, length: int) -> None:
-    rng = _Range(start, length)
-    _libc.ioctl(fd, UFFDIO_WAKE, ctypes.addressof(rng))
 
 
 class Placer:
@@ -198,77 +167,3 @@ class Placer:
                 continue
             raise UffdError(e, f"UFFDIO_ZEROPAGE 0x{dst + done:x}: {os.strerror(e)}")
         return placed, existed
-
-
-def parse_faults(buf: bytes | bytearray | memoryview) -> list[tuple[int, int, int]]:
-    """``(address, flags, ptid)`` of each PAGEFAULT message in ``buf`` (other events skipped)."""
-    out = []
-    for off in range(0, len(buf) - MSG_SIZE + 1, MSG_SIZE):
-        event, flags, address, ptid = _MSG.unpack_from(buf, off)
-        if event == UFFD_EVENT_PAGEFAULT:
-            out.append((address, flags, ptid))
-    return out
-
-
-# -- write protection (background snapshot, migration.snapshot) ----------------------------------
-
-UFFDIO_WRITEPROTECT = 0xC018AA06
-UFFDIO_REGISTER_MODE_WP = 2
-UFFDIO_WRITEPROTECT_MODE_WP = 1
-UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 2
-UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
-UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12  # WP on shmem (memfd) and hugetlbfs
-UFFD_FEATURE_WP_UNPOPULATED = 1 << 13  # WP markers in empty entries of anonymous memory
-UFFD_PAGEFAULT_FLAG_WP = 2
-IOCTL_WRITEPROTECT = 1 << 0x06  # in the ioctls mask UFFDIO_REGISTER returns
-
-
-class _WriteProtect(ctypes.Structure):
-    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64)]
-
-
-def supported_features() -> int:
-    """Features the kernel offers (``UFFDIO_API`` reports all of them); 0 if none works."""
-    fd = _libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
-    if fd < 0:
-        return 0
-    try:
-        api = _Api(UFFD_API, 0, 0)
-        if _libc.ioctl(fd, UFFDIO_API, ctypes.addressof(api)) != 0:
-            return 0
-        return int(api.features)
-    finally:
-        os.close(fd)
-
-
-def register_wp(fd: int, start: int, length: int) -> int:
-    """Register a range for write-protect faults; returns the allowed-ioctls mask."""
-    reg = _Register(_Range(start, length), UFFDIO_REGISTER_MODE_WP, 0)
-    if _libc.ioctl(fd, UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
-        raise _err(f"UFFDIO_REGISTER(WP) 0x{start:x}+0x{length:x}")
-    return int(reg.ioctls)
-
-
-class WriteProtector:
-    """``UFFDIO_WRITEPROTECT`` with a reused argument block. Un-protecting wakes waiters.
-
-    Works from any process holding the descriptor: the ranges are in the memory of the
-    process that created it.
-    """
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self._wp = _WriteProtect()
-        self._addr = ctypes.addressof(self._wp)
-
-    def __call__(self, start: int, length: int, protect: bool, dontwake: bool = False) -> None:
-        wp = self._wp
-        wp.range.start, wp.range.len = start, length
-        wp.mode = (UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
-            UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0
-        )
-        while _libc.ioctl(self.fd, UFFDIO_WRITEPROTECT, self._addr) != 0:
-            e = ctypes.get_errno()
-            if e != errno.EAGAIN:  # EAGAIN: the mm is changing under us, retry
-                raise UffdError(e, f"UFFDIO_WRITEPROTECT 0x{start:x}+0x{length:x} "
-                                   f"wp={protect}: {os.strerror(e)}")

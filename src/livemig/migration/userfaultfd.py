@@ -1,6 +1,7 @@
-"""userfaultfd through ctypes: the write-protect interface of background snapshots.
+"""userfaultfd through ctypes: what every mode shares, and write protection for snapshots.
 
-(Postcopy's MISSING-mode code lives in :mod:`livemig.migration.postcopy_uffd`.)
+Opening, the API handshake, unregister, wake and fault messages serve both users;
+postcopy's MISSING-mode placement builds on them in :mod:`livemig.migration.postcopy_uffd`.
 
 A userfaultfd context is bound to the memory of the process that *created* it, whoever
 later holds the descriptor: a forked child that inherited the descriptor reads the fault
