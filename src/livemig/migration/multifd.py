@@ -210,11 +210,7 @@ class _SendChannel:
     def _send_pages(self, b: BlockSaveState, idx: np.ndarray, extents: np.ndarray | None, rnd: int) -> None:
         block: RAMBlock = b.block
         # 1. holes of fd-backed memory: zero without reading (reading would allocate them)
-        if block.fd >= 0:
-            ext = extents if extents is not None else block.data_extent_pages()
-            in_data = block.pages_in_extents(idx, ext)
-        else:
-            in_data = np.ones(len(idx), bool)
+        in_data = b.data_mask(idx, extents)
         pos = np.flatnonzero(in_data)
         data_idx = idx[pos]
         n = len(data_idx)

@@ -190,11 +190,18 @@ class OutgoingMigration:
                 self.postcopy.send_advise(w)
             self._rp_thread = threading.Thread(target=self._return_path, name="migration-rp", daemon=True)
             self._rp_thread.start()
+        self._write_ram_start(w)
+
+    def _write_ram_start(self, w: QEMUFileWriter, log: bool = True) -> None:
+        """RAM START (block list; bitmaps set up meanwhile), the early device sections,
+        then ``active``. Without ``log`` (background snapshot) there is no dirty log and
+        no sync, but discarded ranges still leave the bitmap."""
         self._ram_id = 0
         savevm.start_section(w, SectionType.START, self._ram_id, RAM_IDSTR, 0, RAM_VERSION)
         self.saver.write_setup(w)
-        self.saver.init_bitmaps()
-        self._pass_event()
+        self.saver.init_bitmaps(start_log=log, sync=log)
+        if log:
+            self._pass_event()
         savevm.write_footer(w, self._ram_id)
         for i, sec in enumerate(self.sections, start=1):
             sec.section_id = i

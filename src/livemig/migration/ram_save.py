@@ -87,6 +87,19 @@ class BlockSaveState:
         self.used_mask: np.ndarray | None = None
         self.extents: np.ndarray | None = None  # data extents of this pass (fd-backed)
         self.scratch = np.empty(len(self.bmap.words), np.uint64)  # reused by every sync
+
+    def data_mask(self, idx: np.ndarray, extents: np.ndarray | None) -> np.ndarray:
+        """For sorted pages: True where a page may hold data, False in a hole.
+
+        Holes of fd-backed memory are never read (reading would allocate them); they are
+        zero. ``extents`` are the block's data extents if the caller looked them up already.
+        """
+        block = self.block
+        if block.fd < 0:
+            return np.ones(len(idx), bool)
+        if extents is None:
+            extents = block.data_extent_pages()
+        return block.pages_in_extents(idx, extents)
         if self.used_pages != self.total_pages:
             m = Bitmap(self.total_pages)
             m.set_range(0, self.used_pages)
@@ -298,12 +311,8 @@ class RamSaver:
     def send_pages(self, w: QEMUFileWriter, b: BlockSaveState, idx: np.ndarray) -> None:
         """Read, classify and send the pages ``idx`` (sorted) of one block."""
         block = b.block
-        if block.fd >= 0:
-            extents = b.extents if b.extents is not None else block.data_extent_pages()
-            in_data = block.pages_in_extents(idx, extents)
-            hole_idx, data_idx = idx[~in_data], idx[in_data]
-        else:
-            hole_idx, data_idx = idx[:0], idx
+        in_data = b.data_mask(idx, b.extents)
+        hole_idx, data_idx = idx[~in_data], idx[in_data]
         self.stats.holes_skipped += len(hole_idx)
         n = len(data_idx)
         if n:

@@ -85,7 +85,7 @@ from livemig.memory.region import MemoryRegion
 from livemig.migration import savevm, status
 from livemig.migration import userfaultfd as uf
 from livemig.migration.channels import MigrationURI
-from livemig.migration.format import RAM_IDSTR, RAM_VERSION, RamFlag, SectionType
+from livemig.migration.format import RamFlag, SectionType
 from livemig.migration.outgoing import (
     RATE_WINDOW,
     SLICE_BYTES,
@@ -474,13 +474,8 @@ class SnapshotSaver(RamSaver):
         return pos + take
 
     def send_pages(self, w: QEMUFileWriter, b: BlockSaveState, idx: np.ndarray) -> None:
-        block = b.block
-        if block.fd >= 0:
-            extents = b.extents if b.extents is not None else block.data_extent_pages()
-            in_data = block.pages_in_extents(idx, extents)
-            hole_idx, data_idx = idx[~in_data], idx[in_data]
-        else:
-            hole_idx, data_idx = idx[:0], idx
+        in_data = b.data_mask(idx, b.extents)
+        hole_idx, data_idx = idx[~in_data], idx[in_data]
         try:
             self._read_into_records(b, data_idx)
         finally:
@@ -721,18 +716,7 @@ class BackgroundSnapshot(OutgoingMigration):
         self.tracking.prepare()
         savevm.write_header(w)
         self._config_desc = savevm.write_configuration(w, self.machine_type)
-        self._ram_id = 0
-        savevm.start_section(w, SectionType.START, self._ram_id, RAM_IDSTR, 0, RAM_VERSION)
-        self.saver.write_setup(w)
-        self.saver.init_bitmaps(start_log=False, sync=False)  # no log, no sync; discarded cleared
-        savevm.write_footer(w, self._ram_id)
-        for i, sec in enumerate(self.sections, start=1):
-            sec.section_id = i
-            if sec.early:
-                self._write_device(w, sec)
-        w.flush()
-        self.setup_time = int((time.monotonic() - self.start_time) * 1000)
-        self._set_status(status.ACTIVE)
+        self._write_ram_start(w, log=False)  # no log, no sync; discarded cleared
 
     # -- stop, device state, protect, resume; then wait for the writer -----------------------------
     def _iterate(self) -> None:
