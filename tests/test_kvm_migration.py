@@ -308,3 +308,73 @@ def test_precopy_migration_of_running_kvm_guest(tmp_path: Path) -> None:
     finally:
         src.close()
         dst.close()
+
+
+# -- (c) postcopy of a running KVM guest ---------------------------------------------------------
+def test_postcopy_migration_of_running_kvm_guest(tmp_path: Path) -> None:
+    """The destination vCPU runs with pages missing: it faults inside KVM_RUN on memory
+    registered with userfaultfd, and the fault handler process places the pages."""
+    from livemig.memory.discard_manager import Section
+    from livemig.migration import postcopy_uffd
+
+    if (why := postcopy_uffd.available()) is not None:
+        pytest.skip(f"no userfaultfd ({why})")
+    src, dst = kvm_machine(), kvm_machine(incoming=True)
+    try:
+        cs, cd = VMController(src), VMController(dst, autostart=True)
+        caps = [{"capability": c, "state": True} for c in ("postcopy-ram", "postcopy-blocktime")]
+        cs.caps.set(caps)
+        cd.caps.set(caps)
+        src.start()
+        resize(src, 96 * MiB)
+        resize(src, 48 * MiB)  # written, then given back: never requested, sent or allocated
+        passes(src)
+        uri = f"unix:{tmp_path / 'kvm-postcopy.sock'}"
+        cd.migrate_incoming(uri)
+        # slow enough that most pages are still missing when the destination guest starts
+        cs.params.set({"max-bandwidth": 16 * MiB, "max-postcopy-bandwidth": 16 * MiB})
+        cs.migrate(uri)
+        wait_for(lambda: cs.outgoing.status == "active", what="active")
+        time.sleep(0.2)
+        cs.migrate_start_postcopy()
+        wait_for(lambda: cd.incoming.status == "postcopy-active", what="postcopy-active")
+        hb_switch = heartbeat(dst)
+        assert cs.outgoing.wait(120) and cs.outgoing.status == "completed", cs.query_migrate()
+        assert cd.incoming.wait(30) and cd.incoming.status == "completed", cd.query_migrate()
+        assert src.runstate == "postmigrate" and dst.runstate == "running"
+
+        # the guest carried on from the switchover and every page it wrote is consistent
+        wait_for(lambda: heartbeat(dst) >= hb_switch + 3, what="passes on the destination")
+        dst.stop()
+        hb = heartbeat(dst)
+        check = gp.check_pages(dst.memory, dst.workload.table, hb, table_since=dst.workload.table_since)
+        assert check.ok, check
+
+        src_ram, dst_ram = cs.query_migrate()["ram"], cd.query_migrate()["ram"]
+        # the vCPU really faulted on missing pages, inside KVM_RUN, and waited for them
+        assert src_ram["postcopy-requests"] > 0 and dst_ram["postcopy-faults"] > 0
+        assert dst_ram["postcopy-lost-pages"] == 0
+        assert len(dst_ram["postcopy-vcpu-blocktime"]) == 1
+        assert dst_ram["postcopy-vcpu-blocktime"][0] > 0
+
+        # discard promises on both sides
+        mr = src.vmem_mr
+        assert mr is not None and src.vmem is not None
+        gone = set()
+        offs, sizes = src.vmem.discarded_runs(Section(mr, 0, mr.size))
+        for o, s in zip(offs, sizes, strict=True):
+            gone.update(range(o // PAGE, (o + s) // PAGE))
+        assert len(gone) == (REGION - 48 * MiB) // PAGE
+        ps = cs.outgoing.postcopy
+        for name in ("requested", "sent"):
+            hit = set(getattr(ps, name)[mr.block.idstr].indices().tolist())
+            assert not hit & gone, f"unplugged page {name}"
+        assert src_ram["postcopy-discarded-requests"] == 0
+        assert src_ram["discarded-skipped-bytes"] == REGION - 48 * MiB
+        assert src.accel.discarded_writes == 0 and dst.accel.discarded_writes == 0
+        for ctl in (cs, cd):
+            vmem = next(b for b in ctl.x_query_ram_allocation() if "allocated-discarded" in b)
+            assert vmem["allocated-discarded"] == 0
+    finally:
+        src.close()
+        dst.close()

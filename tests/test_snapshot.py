@@ -387,6 +387,7 @@ def test_guest_thread_holding_the_gil_is_served_while_this_process_is_frozen(tmp
 
 def test_snapshot_of_a_kvm_guest(tmp_path: Path, start_state: StartState) -> None:
     """The guest program writes inside KVM_RUN; its write faults reach the same writer."""
+    from livemig.accel.kvm import guest_program as gp
     from livemig.accel.kvm import kvm_available
 
     if (why := kvm_available()) is not None:
@@ -417,8 +418,20 @@ def test_snapshot_of_a_kvm_guest(tmp_path: Path, start_state: StartState) -> Non
         assert cd.incoming.wait(60) and cd.incoming.status == "completed", cd.query_migrate()
         assert dst.checksum() == start_state.checksum != src.checksum()
         assert allocation(cd)[1] == 0
+
+        # every page holds what the guest's write sequence says, up to the snapshot's pass
+        def verified() -> int:
+            hb = gp.read_heartbeat(dst.ram.block)
+            check = gp.check_pages(dst.memory, dst.workload.table, hb,
+                                   table_since=dst.workload.table_since)
+            assert check.ok, check
+            return hb
+
+        hb = verified()
         cd.cont()
-        wait_for(lambda: dst.workload.pages_written > 0, what="restored KVM guest")
+        wait_for(lambda: gp.read_heartbeat(dst.ram.block) >= hb + 2, what="restored KVM guest passes")
+        dst.stop()
+        verified()
     finally:
         src.close()
         dst.close()

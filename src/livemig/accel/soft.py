@@ -135,15 +135,12 @@ class SoftAccel:
         pages = np.arange(first, last + 1, dtype=np.int64)
         if mr.rdm is not None and mr.is_discarded(first * block.page_size, len(pages) * block.page_size):
             self.discarded_writes += self._count_discarded(mr, pages)
-        buf = bytes(data)
-        hostmem.memmove(block.host + off, ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value, len(buf))
+        hostmem.store(block.host + off, data)
         self.dirty_log.mark(block, pages)
 
     def read(self, gpa: int, length: int) -> bytes:
         mr, off = self.memory.lookup(gpa)
-        out = ctypes.create_string_buffer(length)
-        hostmem.memmove(ctypes.addressof(out), mr.block.host + off, length)  # GIL released
-        return out.raw
+        return hostmem.load(mr.block.host + off, length)  # GIL released
 
     def read_pages(self, mr: MemoryRegion, pages: np.ndarray) -> np.ndarray:
         """Copies of whole pages (sorted indices) of one region, read without the GIL."""

@@ -62,3 +62,22 @@ def resident_bytes(addr: int, length: int) -> int:
 def memmove(dst: int, src: int, length: int) -> None:
     """Copy host memory without holding the GIL."""
     _libc.memmove(dst, src, length)
+
+
+def store(addr: int, data: bytes | bytearray | memoryview) -> None:
+    """Copy ``data`` to host address ``addr`` without holding the GIL.
+
+    Guest RAM may be registered with userfaultfd (postcopy, snapshots): a store that
+    faults waits for a thread or process that may need the GIL, so it must not hold it.
+    """
+    buf = (ctypes.c_char * len(data)).from_buffer_copy(data) if len(data) else b""
+    if len(data):
+        _libc.memmove(addr, ctypes.addressof(buf), len(data))
+
+
+def load(addr: int, length: int) -> bytes:
+    """Copy ``length`` bytes from host address ``addr`` without holding the GIL (see store)."""
+    out = ctypes.create_string_buffer(length)
+    if length:
+        _libc.memmove(ctypes.addressof(out), addr, length)
+    return out.raw

@@ -43,6 +43,7 @@ from livemig.accel.kvm import guest_program as gp
 from livemig.accel.kvm import ioctls as k
 from livemig.accel.kvm.runner import VcpuRunner
 from livemig.accel.kvm.vm import KvmDirtyLog, KvmVm, VcpuExit
+from livemig.memory import hostmem
 from livemig.memory.dirty_log import BitmapDirtyLog
 from livemig.memory.discard_manager import Section
 from livemig.memory.ram_block import RAMBlock
@@ -214,14 +215,16 @@ class KvmAccel:
         ps = block.page_size
         first, last = off // ps, (end - 1) // ps
         self.discarded_writes += discarded_pages(mr, first * ps, (last - first + 1) * ps)
-        block.view[off:end] = data
+        hostmem.store(block.host + off, data)  # GIL released: the page may be missing
         # After the write: a sync between the two would otherwise consume the bit and send
         # the old content.
         self.dirty_log.mark_host(block, first, last - first + 1)
 
     def read(self, gpa: int, length: int) -> bytes:
         mr, off = self.memory.lookup(gpa)
-        return bytes(mr.block.view[off : off + length])
+        if off + length > mr.size:
+            raise ValueError(f"read at {gpa:#x}+{length} crosses the end of {mr.name}")
+        return hostmem.load(mr.block.host + off, length)
 
     def count_discarded(self, ranges: list[tuple[int, int]]) -> int:
         """Pages of ``ranges`` [(gpa, npages)] that lie in discarded (unplugged) memory.
@@ -252,6 +255,11 @@ class KvmAccel:
             raise RuntimeError("vCPUs already started")
         self.runner = VcpuRunner(self.vcpu, on_exit=lambda ex: on_exit(0, ex), name="kvm-vcpu0")
         self.runner.start(paused=True)
+
+    def vcpu_native_ids(self) -> list[int]:
+        """Kernel thread ids of the vCPU threads (postcopy blocktime is per vCPU)."""
+        r = self.runner
+        return [r.native_id] if r is not None and r.native_id is not None else []
 
     def _live_runner(self) -> VcpuRunner | None:
         r = self.runner

@@ -47,6 +47,7 @@ import numpy as np
 
 from livemig.accel.kvm import ioctls as k
 from livemig.accel.kvm.vm import KvmVcpu, VcpuExit
+from livemig.memory import hostmem
 from livemig.memory.ram_block import RAMBlock
 from livemig.memory.region import GuestMemoryMap
 
@@ -163,6 +164,24 @@ def _view(memory: Memory) -> memoryview:
     return memoryview(memory).cast("B")
 
 
+def _store(memory: Memory, off: int, raw: bytes) -> None:
+    """Write guest memory; RAM blocks without the GIL (the page may be missing in postcopy)."""
+    if isinstance(memory, RAMBlock):
+        if off < 0 or off + len(raw) > memory.max_length:
+            raise ValueError(f"store at {off:#x}+{len(raw)} is outside {memory.idstr}")
+        hostmem.store(memory.host + off, raw)
+    else:
+        _view(memory)[off : off + len(raw)] = raw
+
+
+def _load(memory: Memory, off: int, length: int) -> bytes:
+    if isinstance(memory, RAMBlock):
+        if off < 0 or off + length > memory.max_length:
+            raise ValueError(f"load at {off:#x}+{length} is outside {memory.idstr}")
+        return hostmem.load(memory.host + off, length)
+    return bytes(_view(memory)[off : off + length])
+
+
 def _u32(memory: Memory) -> np.ndarray:
     mv = _view(memory)
     return np.frombuffer(mv, np.uint32, count=len(mv) // 4)
@@ -208,16 +227,15 @@ def write_control(
     base_gpa: int = 0,
 ) -> None:
     """Set the heartbeat and/or yield_every words (only at a pass exit, see module doc)."""
-    mv = _view(memory)
     if heartbeat is not None:
-        struct.pack_into("<I", mv, layout.heartbeat_gpa - base_gpa, heartbeat)
+        _store(memory, layout.heartbeat_gpa - base_gpa, struct.pack("<I", heartbeat))
     if yield_every is not None:
-        struct.pack_into("<I", mv, layout.yield_every_gpa - base_gpa, yield_every)
+        _store(memory, layout.yield_every_gpa - base_gpa, struct.pack("<I", yield_every))
 
 
 def read_heartbeat(memory: Memory, layout: GuestLayout = DEFAULT_LAYOUT, base_gpa: int = 0) -> int:
     """Completed passes, as the guest recorded them."""
-    return struct.unpack_from("<I", _view(memory), layout.heartbeat_gpa - base_gpa)[0]
+    return struct.unpack("<I", _load(memory, layout.heartbeat_gpa - base_gpa, 4))[0]
 
 
 def validate_ranges(
@@ -266,9 +284,7 @@ def write_table(
     table = np.zeros((len(ranges) + 1, 2), np.uint32)  # last row: the terminator
     if ranges:
         table[:-1] = np.asarray(ranges, dtype=np.uint64)
-    off = layout.table_gpa - base_gpa
-    raw = table.tobytes()
-    mv[off : off + len(raw)] = raw
+    _store(memory, layout.table_gpa - base_gpa, table.tobytes())
 
 
 def pages_of(ranges: list[tuple[int, int]]) -> np.ndarray:

@@ -72,6 +72,11 @@ class VcpuRunner:
     def running(self) -> bool:
         return self._thread.is_alive() and not self._done
 
+    @property
+    def native_id(self) -> int | None:
+        """The kernel thread id: userfaultfd reports it for a fault taken inside KVM_RUN."""
+        return self._thread.native_id
+
     def pause(self, timeout: float = 1.0, at: Callable[[VcpuExit], bool] | None = None) -> float:
         """Park the vCPU thread; return the seconds it took. Raises TimeoutError.
 
