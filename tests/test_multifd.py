@@ -35,9 +35,25 @@ def discarded_bitmap(m) -> Bitmap:  # noqa: ANN001
     return bm
 
 
-@pytest.mark.parametrize(("kind", "channels"), [("tcp", 2), ("unix", 3)])
-def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, tmp_path: Path) -> None:
-    src, dst = machine(False), machine(True)
+@pytest.mark.parametrize(("kind", "channels", "content"), [("tcp", 2, "random"), ("unix", 3, "random"),
+                                                      ("tcp", 2, "mixed")])
+def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, content: str, tmp_path: Path,
+                                                  monkeypatch) -> None:  # noqa: ANN001
+    """Random content: long runs of data pages, sent and received through pipes (splice_io).
+    Mixed content: many short runs per packet, gathered and scattered through staging."""
+    from livemig.migration import splice_io
+
+    made: list[object] = []
+    real = splice_io.PipeSplicer
+
+    def counting(sock):  # noqa: ANN001, ANN202
+        made.append(sock)
+        return real(sock)
+
+    monkeypatch.setattr(splice_io, "PipeSplicer", counting)
+    if kind == "unix":
+        monkeypatch.setenv("LIVEMIG_SPLICE", "both")
+    src, dst = machine(False, content=content), machine(True, content=content)
     try:
         cs, cd = VMController(src), VMController(dst, autostart=False)
         boot(src, 256 * MiB)
@@ -53,11 +69,13 @@ def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, tmp_
         assert info["status"] == "completed", info
         assert cd.incoming.status == "completed", cd.query_migrate()
         assert src.checksum() == dst.checksum()
+        if content == "random":  # page data went through pipes: received, and sent too on unix
+            assert len(made) == (2 if kind == "unix" else 1) * channels
         ram = info["ram"]
         # every page went over a channel; the main stream carried only framing and state
         assert ram["multifd-bytes"] > ram["normal"] * 4096 > 0
         assert ram["transferred"] - ram["multifd-bytes"] < 1 * MiB
-        assert ram["duplicate"] > 0 and ram["remaining"] == 0
+        assert ram["remaining"] == 0 and (ram["duplicate"] > 0 or content == "random")
         assert ram["discarded-skipped-bytes"] == 2 * GiB - 160 * MiB
         assert len(cd.incoming.multifd.channels) == channels
         # no page of an unplugged block travelled on any channel
@@ -253,6 +271,81 @@ def test_channel_dying_at_switchover_resumes_the_guest(tmp_path: Path, monkeypat
         assert info["status"] == "failed" and "multifd channel" in info["error-desc"], info
         assert src.runstate == "running" and src.checksum() == before
         assert cd.incoming.status == "failed" and dst.runstate == "inmigrate"
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_nonzero_pages_finds_any_nonzero_byte() -> None:
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        n = int(rng.integers(1, 40))
+        rows = np.zeros((n, 4096), np.uint8)
+        if trial % 3:  # zero stretches with a few pages that have one byte set anywhere
+            for p in rng.choice(n, size=int(rng.integers(0, min(n, 3) + 1)), replace=False):
+                rows[p, int(rng.choice([0, 7, 8, 9, 4095, int(rng.integers(0, 4096))]))] = 1
+        else:  # data pages, some of them with a zero first word
+            rows[:] = rng.integers(0, 256, rows.shape, dtype=np.uint8)
+            rows[rng.random(n) < 0.5, :8] = 0
+            rows[rng.random(n) < 0.3] = 0
+        assert np.array_equal(multifd.nonzero_pages(rows), rows.any(axis=1)), trial
+
+
+def test_pipe_splicer_moves_memory_to_a_file_without_clearing_it() -> None:
+    """vmsplice + splice from one block's memory to another block's file, over a socket."""
+    from livemig.memory.ram_block import RAMBlock
+    from livemig.migration import splice_io
+
+    src, dst = RAMBlock("s", 8 * MiB), RAMBlock("d", 8 * MiB)
+    a, b = socket.socketpair()
+    try:
+        data = np.random.default_rng(1).integers(0, 256, 3 * MiB + 4096, dtype=np.uint8)
+        src.view[MiB : MiB + len(data)] = data.tobytes()
+        tx, rx = splice_io.PipeSplicer(a), splice_io.PipeSplicer(b)
+        import threading
+
+        t = threading.Thread(target=tx.send_from_memory, args=(src.host + MiB, len(data)))
+        t.start()
+        got = rx.recv_to_file(dst.fd, 2 * MiB, len(data))
+        t.join()
+        assert got == len(data)
+        assert bytes(dst.view[2 * MiB : 2 * MiB + len(data)]) == data.tobytes()
+        assert dst.allocated_bytes() == len(data)  # only what was written exists
+        a.shutdown(socket.SHUT_WR)
+        assert rx.recv_to_file(dst.fd, 0, 4096) == 0  # end of stream: short count, no error
+        tx.close()
+        rx.close()
+    finally:
+        a.close()
+        b.close()
+        src.close()
+        dst.close()
+
+
+def test_multifd_without_splice(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """LIVEMIG_SPLICE=none: sendmsg from guest RAM and recv_into it, the same result."""
+    from livemig.migration import splice_io
+
+    made: list[object] = []
+    real = splice_io.PipeSplicer
+
+    def counting(sock):  # noqa: ANN001, ANN202
+        made.append(sock)
+        return real(sock)
+
+    monkeypatch.setattr(splice_io, "PipeSplicer", counting)
+    monkeypatch.setenv("LIVEMIG_SPLICE", "none")
+    src, dst = machine(False, content="random"), machine(True, content="random")
+    try:
+        cs, cd = VMController(src), VMController(dst, autostart=False)
+        boot(src, 256 * MiB)
+        for c in (cs, cd):
+            c.migrate_set_capabilities(MULTIFD)
+        start(cs, cd, "tcp", tmp_path)
+        assert cs.outgoing.wait(60) and cd.incoming.wait(30)
+        assert cs.query_migrate()["status"] == "completed"
+        assert src.checksum() == dst.checksum()
+        assert made == []  # neither side used a pipe
     finally:
         src.close()
         dst.close()

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemig.memory.ram_block import RAMBlock
+from livemig.migration import splice_io
 from livemig.migration.channels import Listener, connect
 from livemig.migration.format import RamFlag
 from livemig.migration.qemu_file import QEMUFileWriter, StreamError
@@ -96,7 +97,6 @@ _EXT_ERR = struct.Struct("=IBBBBII")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _libc.memcmp.restype = ctypes.c_int
-_ZEROS = np.zeros(STAGING_PAGES * TARGET_PAGE_SIZE, np.uint8)
 
 
 def nonzero_pages(rows: np.ndarray) -> np.ndarray:
@@ -105,7 +105,8 @@ def nonzero_pages(rows: np.ndarray) -> np.ndarray:
     Reading is the cost (about 10 GB/s here, and a TLB miss per 4 KiB page), so read as
     little as possible: a page whose first word is set is data without reading the rest
     (random data: one cache line per page); only the other pages are read completely — as
-    one ``memcmp`` when they are the whole batch (a zero stretch), else with one
+    one ``memcmp`` of the batch with itself shifted by a word when they are the whole
+    batch (a zero stretch), else with one
     ``bitwise_or.reduce``.
     """
     w = rows.view(np.uint64)
@@ -113,8 +114,11 @@ def nonzero_pages(rows: np.ndarray) -> np.ndarray:
     rest = np.flatnonzero(~nz)
     if len(rest) == 0:
         return nz
-    if len(rest) == len(nz) and rows.nbytes <= _ZEROS.nbytes:
-        if _libc.memcmp(rows.ctypes.data, _ZEROS.ctypes.data, rows.nbytes) == 0:
+    if len(rest) == len(nz):
+        # every word equals the next one, and the first is zero: one pass over the
+        # memory (both operands share cache lines), where comparing with a zero buffer
+        # as large would read twice as much
+        if _libc.memcmp(rows.ctypes.data, rows.ctypes.data + 8, rows.nbytes - 8) == 0:
             return nz
         return np.bitwise_or.reduce(w, axis=1) != 0
     nz[rest] = np.bitwise_or.reduce(w[rest], axis=1) != 0
@@ -175,6 +179,7 @@ class _SendChannel:
         self.zc_copied = 0  # completions the kernel served by copying
         self._gather = np.empty((STAGING_PAGES, TARGET_PAGE_SIZE), np.uint8)
         self._stage = np.empty((STAGING_PAGES, TARGET_PAGE_SIZE), np.uint8)
+        self._splicer: splice_io.PipeSplicer | None = None
         self.thread = threading.Thread(target=self._run, name=f"multifd-send{index}", daemon=True)
 
     # -- thread ------------------------------------------------------------------------------
@@ -199,6 +204,9 @@ class _SendChannel:
                     owner.cond.notify_all()
         except Exception as e:  # noqa: BLE001 - every failure fails the migration
             owner.channel_failed(self.index, e)
+        finally:
+            if self._splicer is not None:
+                self._splicer.close()
 
     def _send_sync(self, rnd: int) -> None:
         hdr = PACKET.pack(KIND_SYNC, rnd, 0, 0, 0) + b"\x00"
@@ -264,6 +272,13 @@ class _SendChannel:
             _sendmsg_all(self.sock, views[:2])
             self.zc_calls += _sendmsg_all(self.sock, views[2:], MSG_ZEROCOPY)
             self._reap_zerocopy(wait=False)
+        elif direct and splice_io.usable(self.sock, "send"):
+            # guest RAM -> pipe -> socket by reference: no copy into socket buffers
+            _sendmsg_all(self.sock, views[:2], socket.MSG_MORE)
+            if self._splicer is None:
+                self._splicer = splice_io.PipeSplicer(self.sock)
+            for s, ln in zip(ns.tolist(), nl.tolist(), strict=True):
+                self._splicer.send_from_memory(block.host + (s << TARGET_PAGE_BITS), ln << TARGET_PAGE_BITS)
         else:
             _sendmsg_all(self.sock, views)
         self.c.bytes += len(head) + runs.nbytes + k * TARGET_PAGE_SIZE
@@ -650,6 +665,7 @@ class _RecvChannel:
         self.thread = threading.Thread(target=self._run, name=f"multifd-recv{index}", daemon=True)
         self._stage: np.ndarray | None = None
         self._head = memoryview(bytearray(PACKET.size + 1))
+        self._splicer: splice_io.PipeSplicer | None = None
 
     def _run(self) -> None:
         owner = self.owner
@@ -680,6 +696,9 @@ class _RecvChannel:
                 self._pages(r, at, namelen, nn, nzr, npages)
         except Exception as e:  # noqa: BLE001
             owner.channel_failed(self.index, e)
+        finally:
+            if self._splicer is not None:
+                self._splicer.close()
 
     def _pages(self, r: _ChannelReader, at: int, namelen: int, nn: int, nzr: int, npages: int) -> None:
         owner = self.owner
@@ -704,7 +723,18 @@ class _RecvChannel:
         if int(dl.sum()) != npages:
             raise StreamError(at, f"packet announces {npages} pages, runs hold {int(dl.sum())}")
         if nn:
-            if nn <= DIRECT_RUNS:
+            if nn <= DIRECT_RUNS and block.fd >= 0 and splice_io.usable(self.sock, "recv"):
+                # memfd: socket -> pipe -> file, no page fault and no clearing (splice_io)
+                if self._splicer is None:
+                    self._splicer = splice_io.PipeSplicer(self.sock)
+                for s, ln in zip(ds.tolist(), dl.tolist(), strict=True):
+                    n = ln << TARGET_PAGE_BITS
+                    got = self._splicer.recv_to_file(block.fd, s << TARGET_PAGE_BITS, n,
+                                                     owner.file_lock(block))
+                    r.offset += got
+                    if got < n:
+                        raise StreamError(r.tell(), f"truncated page data: wanted {n} bytes, got {got}")
+            elif nn <= DIRECT_RUNS:
                 # straight into guest RAM, in chunks that are populated first: by the
                 # populate threads running ahead, or here (a fault inside recv would hold
                 # the socket lock and stall the sender)
@@ -770,6 +800,7 @@ class MultifdReceiver:
         self.cancelled = cancelled
         self.lock = threading.Lock()  # bitmaps and counters of the loader
         self.cond = threading.Condition()
+        self._file_locks: dict[str, threading.Lock] = {}
         self.channels: dict[int, _RecvChannel] = {}
         self.count: int | None = None
         self.session: bytes | None = None
@@ -935,6 +966,11 @@ class MultifdReceiver:
             self._fail(problem)
 
     # -- synchronisation with the main stream ------------------------------------------------------
+    def file_lock(self, block: RAMBlock) -> threading.Lock:
+        """One writer at a time into a block's memfd (see ``PipeSplicer.recv_to_file``)."""
+        with self.lock:
+            return self._file_locks.setdefault(block.idstr, threading.Lock())
+
     def section_started(self) -> None:
         """The main stream reached its first RAM iteration: early device state is loaded,
         channel pages may be applied from now on."""
