@@ -39,8 +39,9 @@ def discarded_bitmap(m) -> Bitmap:  # noqa: ANN001
                                                       ("tcp", 2, "mixed")])
 def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, content: str, tmp_path: Path,
                                                   monkeypatch) -> None:  # noqa: ANN001
-    """Random content: long runs of data pages, sent and received through pipes (splice_io).
-    Mixed content: many short runs per packet, gathered and scattered through staging."""
+    """Random content: long runs of data pages, received (tcp) or sent and received (unix)
+    through pipes (splice_io, opt-in). Mixed content: many short runs per packet, gathered
+    and scattered through staging, with the default data path."""
     from livemig.migration import splice_io
 
     made: list[object] = []
@@ -51,8 +52,8 @@ def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, cont
         return real(sock)
 
     monkeypatch.setattr(splice_io, "PipeSplicer", counting)
-    if kind == "unix":
-        monkeypatch.setenv("LIVEMIG_SPLICE", "both")
+    splice = {"unix": "both", "tcp": "recv"}[kind] if content == "random" else "none"
+    monkeypatch.setenv("LIVEMIG_SPLICE", splice)
     src, dst = machine(False, content=content), machine(True, content=content)
     try:
         cs, cd = VMController(src), VMController(dst, autostart=False)
@@ -322,8 +323,9 @@ def test_pipe_splicer_moves_memory_to_a_file_without_clearing_it() -> None:
         dst.close()
 
 
-def test_multifd_without_splice(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """LIVEMIG_SPLICE=none: sendmsg from guest RAM and recv_into it, the same result."""
+def test_multifd_default_data_path(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The default (LIVEMIG_SPLICE unset): sendmsg from guest RAM and recv_into it, populated
+    ahead by the populate threads; no pipe on either side."""
     from livemig.migration import splice_io
 
     made: list[object] = []
@@ -334,7 +336,7 @@ def test_multifd_without_splice(tmp_path: Path, monkeypatch) -> None:  # noqa: A
         return real(sock)
 
     monkeypatch.setattr(splice_io, "PipeSplicer", counting)
-    monkeypatch.setenv("LIVEMIG_SPLICE", "none")
+    monkeypatch.delenv("LIVEMIG_SPLICE", raising=False)
     src, dst = machine(False, content="random"), machine(True, content="random")
     try:
         cs, cd = VMController(src), VMController(dst, autostart=False)

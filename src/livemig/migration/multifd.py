@@ -724,13 +724,14 @@ class _RecvChannel:
             raise StreamError(at, f"packet announces {npages} pages, runs hold {int(dl.sum())}")
         if nn:
             if nn <= DIRECT_RUNS and block.fd >= 0 and splice_io.usable(self.sock, "recv"):
-                # memfd: socket -> pipe -> file, no page fault and no clearing (splice_io)
+                # opt-in (LIVEMIG_SPLICE=recv): socket -> pipe -> memfd, no page fault and
+                # no clearing, but one writer at a time (splice_io, docs/multifd.md)
                 if self._splicer is None:
                     self._splicer = splice_io.PipeSplicer(self.sock)
+                lock = owner.file_lock(block)
                 for s, ln in zip(ds.tolist(), dl.tolist(), strict=True):
-                    n = ln << TARGET_PAGE_BITS
-                    got = self._splicer.recv_to_file(block.fd, s << TARGET_PAGE_BITS, n,
-                                                     owner.file_lock(block))
+                    off, n = s << TARGET_PAGE_BITS, ln << TARGET_PAGE_BITS
+                    got = self._splicer.recv_to_file(block.fd, off, n, lock)
                     r.offset += got
                     if got < n:
                         raise StreamError(r.tell(), f"truncated page data: wanted {n} bytes, got {got}")

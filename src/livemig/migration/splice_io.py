@@ -1,7 +1,7 @@
 """Page data between guest RAM and a channel socket through a pipe, without user-space copies.
 
-Two directions, both used by the multifd channels (``multifd.py``) for plain tcp and unix
-sockets (TLS needs the bytes in user space, so it keeps ``sendmsg``/``recv_into``):
+Two directions, usable by the multifd channels (``multifd.py``) on plain tcp and unix
+sockets when ``LIVEMIG_SPLICE`` asks for them (TLS needs the bytes in user space):
 
 * **Send** (:meth:`PipeSplicer.send_from_memory`): ``vmsplice`` puts references to guest
   RAM pages into the pipe, ``splice`` hands them to the socket. The kernel does not copy
@@ -45,15 +45,16 @@ _libc.vmsplice.restype = ctypes.c_ssize_t
 
 
 def enabled(direction: str) -> bool:
-    """``LIVEMIG_SPLICE``: ``recv`` (default), ``both``, ``send`` or ``none``.
+    """``LIVEMIG_SPLICE``: ``none`` (default), ``recv``, ``send`` or ``both``.
 
-    Receiving through a pipe is the default: it made a 2 GiB + 2 GiB multifd migration
-    over loopback tcp 10-25% faster (the destination's CPU time went from about 1.5 to
-    1.2 s). Sending through a pipe too saved the source about 0.2 CPU-seconds but cost
-    the destination more than that on loopback (median 1.92 s against 1.64 s for the
-    whole migration, three runs each), so it is there to try on real networks.
+    Off by default because on this machine neither direction won in both of the
+    destination-memory conditions the benchmarks compare (docs/multifd.md has the
+    figures): receiving through a pipe was up to 10% faster into warm host memory and
+    about 30% slower into cold host memory, where parallel populate threads take the
+    first-touch faults outside the file's lock; sending through a pipe saved the source
+    CPU but cost the loopback destination more.
     """
-    v = os.environ.get("LIVEMIG_SPLICE", "recv")
+    v = os.environ.get("LIVEMIG_SPLICE", "none")
     return v == "both" or v == direction
 
 
