@@ -35,13 +35,9 @@ def discarded_bitmap(m) -> Bitmap:  # noqa: ANN001
     return bm
 
 
-@pytest.mark.parametrize(("kind", "channels", "content"), [("tcp", 2, "random"), ("unix", 3, "random"),
-                                                      ("tcp", 2, "mixed")])
-def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, content: str, tmp_path: Path,
-                                                  monkeypatch) -> None:  # noqa: ANN001
-    """Random content: long runs of data pages, received (tcp) or sent and received (unix)
-    through pipes (splice_io, opt-in). Mixed content: many short runs per packet, gathered
-    and scattered through staging, with the default data path."""
+@pytest.fixture
+def pipes(monkeypatch) -> list:  # noqa: ANN001
+    """Every splice_io.PipeSplicer made during the test (one per channel and side using it)."""
     from livemig.migration import splice_io
 
     made: list[object] = []
@@ -52,6 +48,16 @@ def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, cont
         return real(sock)
 
     monkeypatch.setattr(splice_io, "PipeSplicer", counting)
+    return made
+
+
+@pytest.mark.parametrize(("kind", "channels", "content"), [("tcp", 2, "random"), ("unix", 3, "random"),
+                                                      ("tcp", 2, "mixed")])
+def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, content: str, tmp_path: Path,
+                                                  monkeypatch, pipes: list) -> None:  # noqa: ANN001
+    """Random content: long runs of data pages, received (tcp) or sent and received (unix)
+    through pipes (splice_io, opt-in). Mixed content: many short runs per packet, gathered
+    and scattered through staging, with the default data path."""
     splice = {"unix": "both", "tcp": "recv"}[kind] if content == "random" else "none"
     monkeypatch.setenv("LIVEMIG_SPLICE", splice)
     src, dst = machine(False, content=content), machine(True, content=content)
@@ -71,7 +77,7 @@ def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, cont
         assert cd.incoming.status == "completed", cd.query_migrate()
         assert src.checksum() == dst.checksum()
         if content == "random":  # page data went through pipes: received, and sent too on unix
-            assert len(made) == (2 if kind == "unix" else 1) * channels
+            assert len(pipes) == (2 if kind == "unix" else 1) * channels
         ram = info["ram"]
         # every page went over a channel; the main stream carried only framing and state
         assert ram["multifd-bytes"] > ram["normal"] * 4096 > 0
@@ -323,19 +329,9 @@ def test_pipe_splicer_moves_memory_to_a_file_without_clearing_it() -> None:
         dst.close()
 
 
-def test_multifd_default_data_path(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_multifd_default_data_path(tmp_path: Path, monkeypatch, pipes: list) -> None:  # noqa: ANN001
     """The default (LIVEMIG_SPLICE unset): sendmsg from guest RAM and recv_into it, populated
     ahead by the populate threads; no pipe on either side."""
-    from livemig.migration import splice_io
-
-    made: list[object] = []
-    real = splice_io.PipeSplicer
-
-    def counting(sock):  # noqa: ANN001, ANN202
-        made.append(sock)
-        return real(sock)
-
-    monkeypatch.setattr(splice_io, "PipeSplicer", counting)
     monkeypatch.delenv("LIVEMIG_SPLICE", raising=False)
     src, dst = machine(False, content="random"), machine(True, content="random")
     try:
@@ -347,7 +343,7 @@ def test_multifd_default_data_path(tmp_path: Path, monkeypatch) -> None:  # noqa
         assert cs.outgoing.wait(60) and cd.incoming.wait(30)
         assert cs.query_migrate()["status"] == "completed"
         assert src.checksum() == dst.checksum()
-        assert made == []  # neither side used a pipe
+        assert pipes == []  # neither side used a pipe
     finally:
         src.close()
         dst.close()
