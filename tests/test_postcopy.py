@@ -422,3 +422,28 @@ def test_recv_bitmap_wire_format() -> None:
     assert msg[11:19] == (8).to_bytes(8, "big")
     assert msg[19] == 0b101  # pages 0 and 2 received
     assert msg[-8:] == (0x0123456789ABCDEF).to_bytes(8, "big")
+
+
+def test_return_path_framing() -> None:
+    """One reader of the framing for the source's return path and postcopy channel: PONGs
+    are skipped, a SHUT too short to hold its value is an error, not a crash."""
+    import io
+
+    from livemig.migration import return_path as rp
+    from livemig.migration.format import RPMessage
+    from livemig.migration.qemu_file import QEMUFileReader, StreamError
+
+    data = (rp.message(RPMessage.PONG, bytes(4)) + rp.req_pages(4096, 8192, "pc.ram")
+            + rp.shut(False) + rp.message(RPMessage.SHUT, b"\x00"))
+    msgs = rp.read_messages(QEMUFileReader(io.BytesIO(data)))
+    kind, payload = next(msgs)
+    assert rp.parse_req_pages(kind, payload) == (4096, 8192, "pc.ram")
+    kind, payload = next(msgs)
+    assert kind == RPMessage.SHUT and rp.parse_shut(payload) == 0
+    kind, payload = next(msgs)
+    with pytest.raises(rp.ReturnPathError, match="SHUT with a 1-byte payload"):
+        rp.parse_shut(payload)
+    with pytest.raises(StreamError):
+        next(msgs)
+    r = QEMUFileReader(io.BytesIO(data))
+    assert rp.read_message(r)[0] == RPMessage.PONG  # the single-message reader keeps PONGs

@@ -23,12 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from typing import Any
 
 from livemig.machine import Machine
+from livemig.migration import return_path as rp
 from livemig.migration import savevm, status
 from livemig.migration.channels import MigrationURI, connect, open_file_for_write
 from livemig.migration.device_state import DeviceSection, device_sections
@@ -366,15 +366,10 @@ class OutgoingMigration:
         assert self._sock is not None
         r = QEMUFileReader(self._sock, 64 << 10)
         try:
-            while True:
-                kind = r.get_be16()
-                length = r.get_be16()
-                payload = r.read_exact(length)
+            for kind, payload in rp.read_messages(r):
                 if kind == RPMessage.SHUT:
-                    (self._rp_result,) = struct.unpack(">I", payload[:4])
+                    self._rp_result = rp.parse_shut(payload)
                     return
-                if kind == RPMessage.PONG:
-                    continue
                 if self.postcopy is not None and self.postcopy.rp_message(kind, payload, r):
                     continue
                 self._rp_error = f"unexpected return-path message {kind}"

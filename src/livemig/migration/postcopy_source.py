@@ -454,9 +454,7 @@ class PostcopySource:
         urgent_priority(threading.get_native_id())
         try:
             while True:
-                kind = r.get_be16()
-                length = r.get_be16()
-                payload = r.read_exact(length)
+                kind, payload = rp.read_message(r)
                 if kind not in (RPMessage.REQ_PAGES, RPMessage.REQ_PAGES_ID):
                     raise rp.ReturnPathError(f"unexpected message {kind} on the postcopy channel")
                 start, n, idstr = rp.parse_req_pages(kind, payload)
@@ -504,15 +502,10 @@ class PostcopySource:
         r = QEMUFileReader(sock, 64 << 10)
         last: list = [None]
         try:
-            while True:
-                kind = r.get_be16()
-                length = r.get_be16()
-                payload = r.read_exact(length)
+            for kind, payload in rp.read_messages(r):
                 if kind == RPMessage.SHUT:
-                    (out._rp_result,) = struct.unpack(">I", payload[:4])
+                    out._rp_result = rp.parse_shut(payload)
                     return
-                if kind == RPMessage.PONG:
-                    continue
                 if not self.rp_message(kind, payload, r, last):
                     raise rp.ReturnPathError(f"unexpected return-path message {kind}")
         except Exception as e:  # noqa: BLE001

@@ -20,6 +20,8 @@ Standard library only: the postcopy fault-handler process encodes page requests 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from typing import Any
 
 from livemig.migration.format import (
     MIGRATION_RESUME_ACK_VALUE,
@@ -44,6 +46,32 @@ def message(kind: int, payload: bytes = b"") -> bytes:
 
 def shut(failed: bool) -> bytes:
     return message(RPMessage.SHUT, struct.pack(">I", 1 if failed else 0))
+
+
+def read_message(r: Any) -> tuple[int, bytes]:
+    """``(type, payload)`` of the next message from reader ``r`` (``get_be16``/``read_exact``).
+
+    The reader's errors (end of stream, a reset) propagate: the caller decides what a
+    lost return path means at that moment.
+    """
+    kind = r.get_be16()
+    return kind, bytes(r.read_exact(r.get_be16()))
+
+
+def read_messages(r: Any) -> Iterator[tuple[int, bytes]]:
+    """Every message from ``r``, PONGs left out: the source sends PINGs only to learn that
+    the path works."""
+    while True:
+        kind, payload = read_message(r)
+        if kind != RPMessage.PONG:
+            yield kind, payload
+
+
+def parse_shut(payload: bytes) -> int:
+    """SHUT's value: 0 when the destination loaded everything, else failed."""
+    if len(payload) < 4:
+        raise ReturnPathError(f"SHUT with a {len(payload)}-byte payload")
+    return struct.unpack_from(">I", payload)[0]
 
 
 def resume_ack() -> bytes:
