@@ -70,9 +70,10 @@ def store(addr: int, data: bytes | bytearray | memoryview) -> None:
     Guest RAM may be registered with userfaultfd (postcopy, snapshots): a store that
     faults waits for a thread or process that may need the GIL, so it must not hold it.
     """
-    buf = (ctypes.c_char * len(data)).from_buffer_copy(data) if len(data) else b""
-    if len(data):
-        _libc.memmove(addr, ctypes.addressof(buf), len(data))
+    n = len(data)
+    if n:
+        buf = (ctypes.c_char * n).from_buffer_copy(data)
+        _libc.memmove(addr, ctypes.addressof(buf), n)
 
 
 def load(addr: int, length: int) -> bytes:

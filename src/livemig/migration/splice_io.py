@@ -28,6 +28,7 @@ import fcntl
 import os
 import select
 import socket
+from contextlib import nullcontext
 from typing import Any
 
 PIPE_SIZE = 1 << 20  # the default fs.pipe-max-size
@@ -114,18 +115,11 @@ class PipeSplicer:
                 continue
             if not k:
                 return done
-            if file_lock is not None:
-                with file_lock:
-                    done += self._drain_pipe(fd, off + done, k)
-            else:
-                done += self._drain_pipe(fd, off + done, k)
+            with file_lock or nullcontext():
+                end = done + k
+                while done < end:  # the pipe holds k bytes: empty it into the file
+                    done += os.splice(self.r, fd, end - done, offset_dst=off + done, flags=os.SPLICE_F_MOVE)
         return done
-
-    def _drain_pipe(self, fd: int, off: int, k: int) -> int:
-        moved = 0
-        while moved < k:
-            moved += os.splice(self.r, fd, k - moved, offset_dst=off + moved, flags=os.SPLICE_F_MOVE)
-        return moved
 
     def close(self) -> None:
         for fd in (self.r, self.w):

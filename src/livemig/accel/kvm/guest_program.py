@@ -164,21 +164,23 @@ def _view(memory: Memory) -> memoryview:
     return memoryview(memory).cast("B")
 
 
+def _host_addr(memory: RAMBlock, off: int, length: int, what: str) -> int:
+    if off < 0 or off + length > memory.max_length:
+        raise ValueError(f"{what} at {off:#x}+{length} is outside {memory.idstr}")
+    return memory.host + off
+
+
 def _store(memory: Memory, off: int, raw: bytes) -> None:
     """Write guest memory; RAM blocks without the GIL (the page may be missing in postcopy)."""
     if isinstance(memory, RAMBlock):
-        if off < 0 or off + len(raw) > memory.max_length:
-            raise ValueError(f"store at {off:#x}+{len(raw)} is outside {memory.idstr}")
-        hostmem.store(memory.host + off, raw)
+        hostmem.store(_host_addr(memory, off, len(raw), "store"), raw)
     else:
         _view(memory)[off : off + len(raw)] = raw
 
 
 def _load(memory: Memory, off: int, length: int) -> bytes:
     if isinstance(memory, RAMBlock):
-        if off < 0 or off + length > memory.max_length:
-            raise ValueError(f"load at {off:#x}+{length} is outside {memory.idstr}")
-        return hostmem.load(memory.host + off, length)
+        return hostmem.load(_host_addr(memory, off, length, "load"), length)
     return bytes(_view(memory)[off : off + length])
 
 
