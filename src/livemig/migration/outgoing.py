@@ -322,6 +322,8 @@ class OutgoingMigration:
 
     def _fail(self, final: str, desc: str | None) -> None:
         self.error_desc = desc
+        if desc:  # QEMU prints the reason on stderr too
+            log.warning("migration %s: %s", final, desc)
         log_ = self.machine.accel.dirty_log
         if log_.active:
             log_.stop()

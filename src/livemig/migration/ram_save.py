@@ -269,7 +269,7 @@ class RamSaver:
         while self._cursor_block < len(self.blocks):
             b = self.blocks[self._cursor_block]
             if self._pass_words is None:
-                self._pass_words = np.flatnonzero(b.bmap.words)
+                self._pass_words = self._dirty_words(b)
                 self._pass_pos = 0
                 # Holes are looked up once per pass: a hole that fills in during the pass
                 # is a write, whose dirty bit survives the lazy clear (only synced bits are
@@ -285,6 +285,10 @@ class RamSaver:
         if self.multifd is not None:  # the round is complete: SYNC channels, MULTIFD_FLUSH
             self.multifd.flush(w, self.stats)
         return True
+
+    def _dirty_words(self, b: BlockSaveState) -> np.ndarray:
+        """Indices of the words of ``b``'s migration bitmap with a bit set: one pass's work."""
+        return np.flatnonzero(b.bmap.words)
 
     def _send_batch(self, w: QEMUFileWriter, b: BlockSaveState, nzw: np.ndarray, pos: int) -> int:
         # take words until about BATCH_PAGES bits

@@ -455,6 +455,12 @@ class SnapshotSaver(RamSaver):
         self.unprotect_calls += 1
 
     # -- background sending (main thread) -----------------------------------------------------
+    def _dirty_words(self, b: BlockSaveState) -> np.ndarray:
+        # The fault thread clears bits meanwhile; numpy scans the words without the GIL and
+        # fails ("number of non-zero array elements changed") if they change under it.
+        with self.lock:
+            return super()._dirty_words(b)
+
     def _send_batch(self, w: QEMUFileWriter, b: BlockSaveState, nzw: np.ndarray, pos: int) -> int:
         self.check_faults()
         self.send_urgent(w)
