@@ -20,11 +20,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from livemig.devices.virtio_mem import (  # noqa: E402
+from livemig.devices.virtio_mem import VirtioMem  # noqa: E402
+from livemig.devices.virtio_mem_abi import (  # noqa: E402
     REQ_PLUG,
     REQ_UNPLUG,
     RESP_ACK,
-    VirtioMem,
     decode_response,
     encode_request,
 )

@@ -26,11 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livemig.control.vm_controller import VMController
+from livemig.devices import vmstate
 from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory.ram_block import RAMBlock
-from livemig.migration import savevm, vmstate
-from livemig.migration.device_state import device_sections
+from livemig.migration import savevm
 from livemig.migration.format import MigCommand, RamFlag, SectionType
 from livemig.migration.outgoing import OutgoingMigration
 from livemig.migration.qemu_file import StreamError, bytes_reader, bytes_writer
@@ -133,7 +133,7 @@ class Layout:
 
 def parse(data: bytes, machine: Machine) -> Layout:
     """Walk the stream with the project's readers and remember where everything is."""
-    descs = {s.idstr: s.desc for s in device_sections(machine)}
+    descs = {s.idstr: s.desc for s in machine.state}
     lay = Layout()
     r = bytes_reader(data)
     savevm.read_header(r)
@@ -542,18 +542,18 @@ CASES: list[tuple[str, Corruption, tuple[str, ...], bool]] = [
         ("section id 2 used twice",),
         False,
     ),
-    ("footer-mismatch", lambda s: s.put(ram_start(s).footer + 1, ">I", 7), ("section footer mismatch: expected id 0, got 7",), True),
-    ("footer-missing", lambda s: s.patch(early(s).footer, b"\x7f"), ("missing section footer for section 1",), False),
+    ("footer-mismatch", lambda s: s.put(ram_start(s).footer + 1, ">I", 7), ("section footer mismatch: expected id 1, got 7",), True),
+    ("footer-missing", lambda s: s.patch(early(s).footer, b"\x7f"), ("missing section footer for section 2",), False),
     (
         "footer-mismatch-part",
         lambda s: s.put(first_part(s).footer + 1, ">I", 3),
-        ("section footer mismatch: expected id 0, got 3",),
+        ("section footer mismatch: expected id 1, got 3",),
         True,
     ),
     ("part-unknown-id", lambda s: s.put(first_part(s).offset + 1, ">I", 9), ("unknown section id 9",), False),
     (
         "part-of-device",
-        lambda s: s.put(first_part(s).offset + 1, ">I", 1),
+        lambda s: s.put(first_part(s).offset + 1, ">I", 2),
         ("section 'vm0/virtio-mem-device-early' is not iterative",),
         False,
     ),
@@ -837,7 +837,7 @@ CASES: list[tuple[str, Corruption, tuple[str, ...], bool]] = [
     (
         "missing-ram-section",
         lambda s: s.cut(ram_start(s).offset, s.layout.sections[s.layout.sections.index(ram_start(s)) + 1].offset),
-        ("unknown section id 0",),
+        ("unknown section id 1",),
         False,
     ),
     # after EOF
@@ -1063,10 +1063,15 @@ def test_socket_destination_fails_after_switchover(
     d.ctrl.migrate_incoming(uri)
     assert d.ctrl.incoming is not None
 
-    def refuse(r: Any, version: int) -> None:
+    section = d.machine.state.find("livemig-guest")
+    assert section is not None
+    original = section.load
+
+    def refuse(r: Any, version: int, ctx: Any) -> None:
+        section.load = original  # the owner's section: refuse this one load only
         raise StreamError(r.tell(), "livemig-guest: refused by the test")
 
-    d.ctrl.incoming.sections["livemig-guest"].load = refuse
+    section.load = refuse
     ctrl.migrate(uri)
     assert_source_intact(src, ctrl, "failed", before)
     info = wait_in(d)

@@ -18,6 +18,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from livemig.devices.vmstate import (
+    Field,
+    VMStateDescription,
+    VMStateError,
+    decode,
+    encode,
+    encode_with_vmdesc,
+    vmdesc_entry,
+)
 from livemig.memory.bitmap import Bitmap
 from livemig.migration import savevm
 from livemig.migration.format import (
@@ -38,15 +47,6 @@ from livemig.migration.qemu_file import (
     open_writer,
     socket_reader,
     socket_writer,
-)
-from livemig.migration.vmstate import (
-    Field,
-    VMStateDescription,
-    VMStateError,
-    decode,
-    encode,
-    encode_with_vmdesc,
-    vmdesc_entry,
 )
 
 

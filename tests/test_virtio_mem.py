@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from livemig.devices import virtio_mem as vm
-from livemig.devices.virtio_mem import (
+from livemig.devices import virtio_mem_abi as vm
+from livemig.devices.virtio_mem import VirtioMem
+from livemig.devices.virtio_mem_abi import (
     REQ_PLUG,
     REQ_STATE,
     REQ_UNPLUG,
@@ -30,7 +31,6 @@ from livemig.devices.virtio_mem import (
     STATE_MIXED,
     STATE_PLUGGED,
     STATE_UNPLUGGED,
-    VirtioMem,
     VirtioMemDeviceError,
     VirtioMemError,
     decode_response,
@@ -425,16 +425,15 @@ def test_state_answers(make):
     assert req(dev, REQ_STATE, ADDR + 4 * BS, 5) == (RESP_ACK, STATE_UNPLUGGED)
     assert req(dev, REQ_STATE, ADDR + BS, 2) == (RESP_ACK, STATE_MIXED)
     assert req(dev, REQ_STATE, ADDR, 32) == (RESP_ACK, STATE_MIXED)
-    dev.set_busy_check(lambda: True)
+    dev.hold_state("test")
     assert req(dev, REQ_STATE, ADDR + 2 * BS, 2) == (RESP_ACK, STATE_PLUGGED)  # no busy check
 
 
 def test_busy(make):
     dev, mr = make()
     assert plug(dev, 0, 2) == RESP_ACK
-    busy = [True]
-    dev.set_busy_check(lambda: busy[0])
-    assert dev.is_busy()
+    hold = dev.hold_state("migration 1")
+    assert dev.is_busy() and dev.holders() == ["migration 1"]
     assert plug(dev, 4) == RESP_BUSY
     assert unplug(dev, 0) == RESP_BUSY
     assert req(dev, REQ_UNPLUG_ALL) == (RESP_BUSY, 0)
@@ -442,12 +441,30 @@ def test_busy(make):
     # validity is checked before busy
     assert plug(dev, 0) == RESP_ERROR
     assert req(dev, REQ_PLUG, ADDR + 1, 1)[0] == RESP_ERROR
-    busy[0] = False
-    assert unplug(dev, 0, 2) == RESP_ACK
-    busy[0] = True
-    assert req(dev, REQ_UNPLUG_ALL) == (RESP_ACK, 0)  # nothing plugged: no busy check
-    dev.set_busy_check(None)
+    hold.release()
+    hold.release()  # idempotent
     assert not dev.is_busy()
+    assert unplug(dev, 0, 2) == RESP_ACK
+    hold = dev.hold_state("migration 2")
+    assert req(dev, REQ_UNPLUG_ALL) == (RESP_ACK, 0)  # nothing plugged: no busy check
+    hold.release()
+    assert not dev.is_busy()
+
+
+def test_busy_until_every_hold_is_released(make):
+    """Two migrations' holds are independent: the first releasing its hold must not let
+    the guest change plugged memory while the second still migrates."""
+    dev, _ = make()
+    assert plug(dev, 0, 2) == RESP_ACK
+    first = dev.hold_state("first migration")
+    second = dev.hold_state("second migration")
+    first.release()
+    assert dev.is_busy() and dev.holders() == ["second migration"]
+    assert unplug(dev, 0) == RESP_BUSY
+    with second:
+        assert dev.is_busy()
+    assert not dev.is_busy()
+    assert unplug(dev, 0) == RESP_ACK
 
 
 def test_device_errors_break_until_reset(make):
@@ -629,11 +646,11 @@ def test_register_objection_only_logged(make, caplog):
 def test_reset(make):
     dev, mr = make()
     assert plug(dev, 0, 4) == RESP_ACK
-    dev.set_busy_check(lambda: True)
+    hold = dev.hold_state("test")
     assert not dev.reset()  # refused while migrating
     assert dev.size == 4 * BS
     assert dev.reset(wakeup=True) and dev.size == 4 * BS
-    dev.set_busy_check(None)
+    hold.release()
     assert dev.reset()
     assert dev.size == 0 and dev.bitmap.count() == 0 and mr.block.allocated_bytes() == 0
 

@@ -25,9 +25,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from livemig.accel.factory import resolve as resolve_accel
 from livemig.cli import _progress_loop
 from livemig.control.qmp_client import QMPClient
+from livemig.machine.factory import resolve as resolve_accel
 
 MiB = 1 << 20
 

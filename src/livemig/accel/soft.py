@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from livemig.devices.state import StateRegistry
 from livemig.memory import hostmem
 from livemig.memory.dirty_log import BitmapDirtyLog
 from livemig.memory.discard_manager import Section
@@ -94,6 +95,9 @@ class SoftAccel:
         self.pauser = VcpuPauser()
         self.discarded_writes = 0  # pages written while discarded (misbehaving guest)
         self._threads: list[threading.Thread] = []
+
+    def register_state(self, registry: StateRegistry) -> None:
+        """The software guest's vCPUs have no architectural state to migrate."""
 
     def write_pages(self, mr: MemoryRegion, pages: np.ndarray, data: np.ndarray) -> None:
         """Write whole pages of one region: ``data`` is (len(pages), page_size) or broadcastable."""

@@ -21,16 +21,42 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
-import os
-import platform
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from livemig.devices.virtio_mem_abi import (
+    CONFIG_STRUCT,
+    DEFAULT_USABLE_EXTENT,
+    HOST_PAGE_SIZE,
+    MIN_BLOCK_SIZE,
+    REQ_PLUG,
+    REQ_SIZE,
+    REQ_STATE,
+    REQ_STRUCT,
+    REQ_UNPLUG,
+    REQ_UNPLUG_ALL,
+    RESP_ACK,
+    RESP_BUSY,
+    RESP_ERROR,
+    RESP_NACK,
+    RESP_SIZE,
+    RESP_STRUCT,
+    STATE_MIXED,
+    STATE_PLUGGED,
+    STATE_UNPLUGGED,
+    U64_MASK,
+    VIRTIO_MEM_F_ACPI_PXM,
+    VIRTIO_MEM_F_PERSISTENT_SUSPEND,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    VirtioMemDeviceError,
+    VirtioMemError,
+    default_block_size,
+    is_pow2,
+)
+from livemig.devices.virtio_mem_state import VirtioMemState
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import (
     RamDiscardListener,
@@ -42,139 +68,12 @@ from livemig.memory.region import MemoryRegion
 
 log = logging.getLogger(__name__)
 
-KiB = 1 << 10
-MiB = 1 << 20
-
-MIN_BLOCK_SIZE = 1 * MiB
-"""``VIRTIO_MEM_MIN_BLOCK_SIZE``: the smallest block a user may ask for."""
-
-DEFAULT_USABLE_EXTENT = 2 * 128 * MiB
-"""How far the usable region reaches beyond the requested size on x86/s390x."""
-
-THP_SYSFS_DIR = "/sys/kernel/mm/transparent_hugepage"
-HOST_PAGE_SIZE = mmap.PAGESIZE
-U64_MASK = (1 << 64) - 1
-
-# -- virtio ABI constants (include/uapi/linux/virtio_mem.h) ----------------------------------
-VIRTIO_MEM_F_ACPI_PXM = 0
-VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE = 1
-VIRTIO_MEM_F_PERSISTENT_SUSPEND = 2
-
-REQ_PLUG = 0
-REQ_UNPLUG = 1
-REQ_UNPLUG_ALL = 2
-REQ_STATE = 3
-
-RESP_ACK = 0
-RESP_NACK = 1
-RESP_BUSY = 2
-RESP_ERROR = 3
-
-STATE_PLUGGED = 0
-STATE_UNPLUGGED = 1
-STATE_MIXED = 2
-
-QUEUE_SIZE = 128
-"""virtio-mem has one virtqueue of 128 entries."""
-
-# struct virtio_mem_req: le16 type; le16 padding[3]; union { le64 addr; le16 nb_blocks;
-# le16 padding[3] } -> 24 bytes. UNPLUG_ALL uses no payload but is still 24 bytes long.
-_REQ = struct.Struct("<H6xQH6x")
-REQ_SIZE = _REQ.size
-# struct virtio_mem_resp: le16 type; le16 padding[3]; union { le16 state } -> 10 bytes.
-_RESP = struct.Struct("<H6xH")
-RESP_SIZE = _RESP.size
-# struct virtio_mem_config: le64 block_size; le16 node_id; u8 padding[6]; le64 addr;
-# le64 region_size; le64 usable_region_size; le64 plugged_size; le64 requested_size.
-_CONFIG = struct.Struct("<QH6xQQQQQ")
-CONFIG_SIZE = _CONFIG.size
-
-assert REQ_SIZE == 24 and RESP_SIZE == 10 and CONFIG_SIZE == 56
 
 ConfigChangeFn = Callable[["VirtioMem"], None]
 SizeChangeFn = Callable[["VirtioMem", int], None]
 
 
-class VirtioMemError(ValueError):
-    """Bad configuration or incoming state (QEMU reports these as realize/load errors)."""
-
-
-class VirtioMemDeviceError(RuntimeError):
-    """The guest violated the protocol; the device is broken until reset (virtio_error)."""
-
-
-# -- request/response encoding (for the guest driver and tests) -----------------------------
-def encode_request(req_type: int, addr: int = 0, nb_blocks: int = 0) -> bytes:
-    """Raw little-endian ``struct virtio_mem_req``."""
-    return _REQ.pack(req_type, addr, nb_blocks)
-
-
-def decode_request(data: bytes | bytearray | memoryview) -> tuple[int, int, int]:
-    """(type, addr, nb_blocks) of a raw request; raises ``struct.error`` if short."""
-    return _REQ.unpack_from(data)
-
-
-def encode_response(resp_type: int, state: int = 0) -> bytes:
-    """Raw little-endian ``struct virtio_mem_resp``."""
-    return _RESP.pack(resp_type, state)
-
-
-def decode_response(data: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """(type, state) of a raw response; ``state`` only means something for STATE ACKs."""
-    return _RESP.unpack_from(data)
-
-
-# -- default block size ---------------------------------------------------------------------
-def _thp_fallback(host_page_size: int) -> int:
-    """THP size by architecture, for hosts whose sysfs value cannot be read."""
-    machine = platform.machine()
-    if machine in ("x86_64", "ppc64", "ppc64le"):
-        return 2 * MiB
-    if machine in ("aarch64", "arm64"):
-        return {4 * KiB: 2 * MiB, 16 * KiB: 32 * MiB, 64 * KiB: 512 * MiB}.get(
-            host_page_size, 2 * MiB
-        )
-    return MIN_BLOCK_SIZE  # s390x and anything unknown
-
-
-def thp_size(sysfs_dir: str = THP_SYSFS_DIR, host_page_size: int = HOST_PAGE_SIZE) -> int:
-    """The host's THP (PMD) size, which is what a block should be to keep huge pages whole.
-
-    Without THP support at all there is nothing to keep whole, so the minimum block size is
-    enough; an unreadable or nonsensical value falls back to the architecture's usual size.
-    """
-    if not os.path.isdir(sysfs_dir):
-        return MIN_BLOCK_SIZE
-    try:
-        with open(os.path.join(sysfs_dir, "hpage_pmd_size")) as f:
-            value = int(f.read().strip())
-    except (OSError, ValueError):
-        value = 0
-    if value <= 0 or value & (value - 1):
-        return _thp_fallback(host_page_size)
-    return value
-
-
-def default_block_size(
-    backend_page_size: int,
-    host_page_size: int = HOST_PAGE_SIZE,
-    sysfs_dir: str = THP_SYSFS_DIR,
-) -> int:
-    """Default block size: THP size for host-page backends, else >= 1 MiB huge pages.
-
-    Backends with the host page size are THP candidates, so unplugging less than a THP
-    would split huge pages; hugetlb-style backends only need at least one of their pages.
-    """
-    if backend_page_size == host_page_size:
-        return max(backend_page_size, thp_size(sysfs_dir, host_page_size))
-    return max(backend_page_size, MIN_BLOCK_SIZE)
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-class VirtioMem(RamDiscardManager):
+class VirtioMem(VirtioMemState, RamDiscardManager):
     """One virtio-mem device managing the memory region ``mr``.
 
     Construction is QEMU's realize: all checks happen here and the device is ready to
@@ -199,6 +98,7 @@ class VirtioMem(RamDiscardManager):
         acpi_pxm: bool = False,
         persistent_suspend: bool = False,
     ):
+        super().__init__()
         self.id = id
         self.mr = mr
         self.memdev = memdev if memdev is not None else f"{id}-memdev"
@@ -212,7 +112,6 @@ class VirtioMem(RamDiscardManager):
         self.broken = False
         self.broken_reason: str | None = None
         self._lock = threading.RLock()
-        self._busy_check: Callable[[], bool] | None = None
         self._listeners: list[RamDiscardListener] = []
 
         block = mr.block
@@ -224,7 +123,7 @@ class VirtioMem(RamDiscardManager):
                 raise VirtioMemError(
                     f"'block-size' property has to be at least 0x{MIN_BLOCK_SIZE:x}"
                 )
-            if not _is_pow2(block_size):
+            if not is_pow2(block_size):
                 raise VirtioMemError("'block-size' property has to be a power of two")
         if block_size < page_size:
             raise VirtioMemError(
@@ -304,17 +203,11 @@ class VirtioMem(RamDiscardManager):
             return -errno.EFAULT
         return 0
 
-    def set_busy_check(self, fn: Callable[[], bool] | None) -> None:
-        """Install the migration layer's "is a migration running" test (None: never busy).
-
-        Plug state must not change while migration has a snapshot of it (reference 7.2),
-        so plug, unplug and unplug-all answer BUSY while ``fn()`` is true.
-        """
-        self._busy_check = fn
-
     def is_busy(self) -> bool:
-        fn = self._busy_check
-        return bool(fn()) if fn is not None else False
+        """QEMU's ``virtio_mem_is_busy``: plug state must not change while a migration has
+        a view of it (reference 7.2), so plug, unplug and unplug-all answer BUSY while any
+        migration holds this manager's state (:meth:`hold_state`)."""
+        return self.state_held()
 
     def _resize_usable_region(self, requested: int, can_shrink: bool) -> None:
         """Let the guest plug up to ``usable_extent`` beyond what is requested, block-aligned.
@@ -602,15 +495,15 @@ class VirtioMem(RamDiscardManager):
                 raise self._device_error(
                     f"virtio-mem protocol violation: invalid request size: {len(req)}"
                 )
-            req_type, gpa, nb_blocks = _REQ.unpack_from(req)
+            req_type, gpa, nb_blocks = REQ_STRUCT.unpack_from(req)
             if req_type == REQ_PLUG:
-                return _RESP.pack(self._state_change_request(gpa, nb_blocks, True), 0)
+                return RESP_STRUCT.pack(self._state_change_request(gpa, nb_blocks, True), 0)
             if req_type == REQ_UNPLUG:
-                return _RESP.pack(self._state_change_request(gpa, nb_blocks, False), 0)
+                return RESP_STRUCT.pack(self._state_change_request(gpa, nb_blocks, False), 0)
             if req_type == REQ_UNPLUG_ALL:
-                return _RESP.pack(RESP_BUSY if self._unplug_all() else RESP_ACK, 0)
+                return RESP_STRUCT.pack(RESP_BUSY if self._unplug_all() else RESP_ACK, 0)
             if req_type == REQ_STATE:
-                return _RESP.pack(*self._state_request(gpa, nb_blocks))
+                return RESP_STRUCT.pack(*self._state_request(gpa, nb_blocks))
             raise self._device_error(
                 f"virtio-mem protocol violation: unknown request type: {req_type}"
             )
@@ -649,7 +542,7 @@ class VirtioMem(RamDiscardManager):
     def config_space(self) -> bytes:
         """The little-endian ``struct virtio_mem_config`` the driver reads."""
         with self._lock:
-            return _CONFIG.pack(
+            return CONFIG_STRUCT.pack(
                 self.block_size,
                 self.node,
                 self.addr,
@@ -672,124 +565,6 @@ class VirtioMem(RamDiscardManager):
                 "node": self.node,
                 "memdev": f"/objects/{self.memdev}",
             }
-
-    # -- migration ------------------------------------------------------------------------------
-    def save_state(self) -> dict[str, Any]:
-        """Device state for the stream: sanity fields, sizes and a copy of the bitmap."""
-        with self._lock:
-            return {
-                "addr": self.addr,
-                "region_size": self.region_size,
-                "block_size": self.block_size,
-                "node": self.node,
-                "usable_region_size": self.usable_region_size,
-                "size": self.size,
-                "requested_size": self.requested_size,
-                "bitmap": self.bitmap.copy(),
-            }
-
-    def check_sanity(self, state: dict[str, Any]) -> None:
-        """Raise VirtioMemError naming the first geometry property that differs.
-
-        The guest saw these values and they cannot change under it; they are checked before
-        anything else of an incoming state is trusted (the bitmap's length depends on them).
-        """
-        addr = int(state["addr"])
-        if addr != self.addr:
-            raise VirtioMemError(
-                f"Property 'memaddr' changed from 0x{addr:x} to 0x{self.addr:x}"
-            )
-        region_size = int(state["region_size"])
-        if region_size != self.region_size:
-            raise VirtioMemError(
-                f"Property 'memdev' size changed from 0x{region_size:x} to "
-                f"0x{self.region_size:x}"
-            )
-        block_size = int(state["block_size"])
-        if block_size != self.block_size:
-            raise VirtioMemError(
-                f"Property 'block-size' changed from 0x{block_size:x} to 0x{self.block_size:x}"
-            )
-        node = int(state["node"])
-        if node != self.node:
-            raise VirtioMemError(f"Property 'node' changed from {node} to {self.node}")
-
-    def load_state(
-        self, state: dict[str, Any], *, postcopy: bool = False, ram_ignored: bool = False
-    ) -> None:
-        """Take over the source's state (reference 2.5 and 7.5).
-
-        The sanity fields must match because the guest saw them and they cannot change.
-        Plugged ranges are replayed to listeners (they map them). Outside postcopy, every
-        unplugged run is discarded on the host so that nothing populated on the
-        destination in unplugged ranges survives; in postcopy the pages are not here yet
-        and faults on unplugged ranges are answered locally. ``ram_ignored`` is RAM that
-        is shared with the source and not migrated (x-ignore-shared): it is not touched.
-        ``bitmap`` may be a ``Bitmap`` or the wire format (big-endian u64 words).
-        """
-        with self._lock:
-            self.check_sanity(state)
-            nbits = self.bitmap.nbits
-            raw = state["bitmap"]
-            if isinstance(raw, Bitmap):
-                if raw.nbits != nbits:
-                    raise VirtioMemError(
-                        f"virtio-mem bitmap has {raw.nbits} bits, expected {nbits}"
-                    )
-                bitmap = raw.copy()
-            else:
-                data = bytes(raw)
-                if len(data) != self.bitmap.words.size * 8:
-                    raise VirtioMemError(
-                        f"virtio-mem bitmap has {len(data)} bytes, expected "
-                        f"{self.bitmap.words.size * 8}"
-                    )
-                try:
-                    bitmap = Bitmap.from_be_words(nbits, data)
-                except ValueError as e:
-                    raise VirtioMemError(f"virtio-mem bitmap: {e}") from e
-            size = int(state["size"])
-            requested = int(state["requested_size"])
-            usable = int(state["usable_region_size"])
-            bs = self.block_size
-            if size != bitmap.count() * bs:
-                raise VirtioMemError(
-                    f"virtio-mem plugged size 0x{size:x} does not match the bitmap "
-                    f"(0x{bitmap.count() * bs:x})"
-                )
-            for name, value in (("requested-size", requested), ("usable size", usable)):
-                if value < 0 or value % bs or value > self.region_size:
-                    raise VirtioMemError(f"virtio-mem {name} 0x{value:x} is invalid")
-
-            self.bitmap = bitmap
-            self.size = size
-            self.requested_size = requested
-            self.usable_region_size = usable
-
-            block = self.mr.block
-            if self.prealloc and not ram_ignored:
-                # fail now rather than at a guest access when memory runs out
-                for off, length in zip(*self.populated_runs(self.mr.whole()), strict=True):
-                    try:
-                        block.populate(off, length, write=True)
-                    except OSError as e:
-                        raise VirtioMemError(f"virtio-mem preallocation failed: {e}") from e
-                if postcopy:
-                    block.discard_range(0, block.used_length)
-            for lst in self._listeners:
-                assert lst.section is not None
-                ret = self._replay(lst.section, True, lst.notify_populate)
-                if ret:
-                    raise VirtioMemError(
-                        f"virtio-mem: a listener refused plugged memory while loading ({ret})"
-                    )
-            if ram_ignored or postcopy:
-                return
-            for off, length in zip(*self.discarded_runs(self.mr.whole()), strict=True):
-                try:
-                    block.discard_range(off, length)
-                except (OSError, ValueError) as e:
-                    raise VirtioMemError(f"virtio-mem: discarding unplugged memory: {e}") from e
 
     def __repr__(self) -> str:
         return (

@@ -12,10 +12,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from livemig.accel.soft import SoftAccel, VcpuPauser
+from livemig.devices.state import StateSection
+from livemig.devices.vmstate import Field, VMStateDescription
 from livemig.guest.usable_memory import UsableMemory
 from livemig.memory.region import MemoryRegion
 
@@ -170,3 +173,34 @@ class Workload:
 
     def state(self) -> dict[str, int]:
         return {"counter": self.counter, "pages_written": self.pages_written}
+
+
+GUEST_DESC = VMStateDescription(
+    "livemig-guest",
+    1,
+    [Field.uint64("counter"), Field.uint64("pages_written"), Field.uint32("vcpus")],
+)
+"""The guest's progress (section ``livemig-guest``): the software workload's, or the KVM
+guest agent's pass and page counters, so the guest continues its write sequence."""
+
+
+class GuestProgress(Protocol):
+    """A guest whose progress migrates: ``Workload`` or the KVM guest agent."""
+
+    counter: int
+    pages_written: int
+
+    def state(self) -> dict[str, int]: ...
+
+
+def guest_state_section(guest: GuestProgress, vcpus: int) -> StateSection:
+    """Section ``livemig-guest`` of ``guest`` (registered by the machine that runs it)."""
+
+    def save() -> dict[str, int]:
+        return {**guest.state(), "vcpus": vcpus}
+
+    def apply(values: dict[str, Any]) -> None:
+        guest.counter = values["counter"]
+        guest.pages_written = values["pages_written"]
+
+    return StateSection.simple("livemig-guest", GUEST_DESC, save, apply)

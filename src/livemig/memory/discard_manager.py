@@ -7,24 +7,38 @@ merely reading discarded memory can allocate host memory.
 
 Sections are expressed in bytes relative to the memory region. Replay callbacks return 0 to
 continue a walk; any other value stops the walk and is returned by the replay.
+
+**State holds.** While a migration (or a snapshot) has taken a view of what is populated,
+that view must not change under it: QEMU's virtio-mem answers BUSY to plug and unplug
+while ``migration_is_running()``. Here each migration takes its own :class:`StateHold`
+from every manager and releases it in its clean-up, after the last thread that reads guest
+memory has stopped. The manager is busy while *any* hold exists, so a migration that
+ends can never clear the claim of another that has started meanwhile.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from livemig.memory.region import MemoryRegion
+
+class RegionLike(Protocol):
+    """What a section needs of its memory region (``memory.region.MemoryRegion``)."""
+
+    name: str
+
+    @property
+    def size(self) -> int: ...
 
 
 @dataclass(frozen=True)
 class Section:
     """A byte range of a memory region: QEMU's MemoryRegionSection, reduced to what we use."""
 
-    mr: MemoryRegion
+    mr: Any  # a MemoryRegion (RegionLike); Any keeps attribute access typed loosely
     offset: int
     size: int
 
@@ -70,11 +84,68 @@ class RamDiscardListener:
             self._discard(section)
 
 
+class StateHold:
+    """One claim that the populated/discarded state of a manager must not change.
+
+    Taken with :meth:`RamDiscardManager.hold_state`; :meth:`release` is idempotent and
+    thread-safe, so a clean-up path may call it unconditionally.
+    """
+
+    def __init__(self, manager: RamDiscardManager, reason: str):
+        self.manager = manager
+        self.reason = reason
+        self.released = False
+
+    def release(self) -> None:
+        self.manager.release_hold(self)
+
+    def __enter__(self) -> StateHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"StateHold({self.reason!r}, released={self.released})"
+
+
 class RamDiscardManager(ABC):
-    """Interface; virtio-mem is the implementation livemig ships."""
+    """Interface; virtio-mem is the implementation livemig ships.
+
+    Subclasses call ``super().__init__()``: the base keeps the state holds.
+    """
+
+    def __init__(self) -> None:
+        self._holds: list[StateHold] = []
+        self._holds_lock = threading.Lock()
+
+    # -- state holds (see the module docstring) ---------------------------------------------
+    def hold_state(self, reason: str) -> StateHold:
+        """Forbid populate/discard changes until the returned hold is released."""
+        hold = StateHold(self, reason)
+        with self._holds_lock:
+            self._holds.append(hold)
+        return hold
+
+    def release_hold(self, hold: StateHold) -> None:
+        with self._holds_lock:
+            if hold.released:
+                return
+            hold.released = True
+            self._holds = [h for h in self._holds if h is not hold]
+
+    def state_held(self) -> bool:
+        """True while any hold exists: plug and unplug must be refused (BUSY)."""
+        with self._holds_lock:
+            return bool(self._holds)
+
+    def holders(self) -> list[str]:
+        """The reasons of the current holds (for messages and tests)."""
+        with self._holds_lock:
+            return [h.reason for h in self._holds]
 
     @abstractmethod
-    def get_min_granularity(self, mr: MemoryRegion) -> int:
+    def get_min_granularity(self, mr: RegionLike) -> int:
         """Granularity at which listeners are notified (virtio-mem: its block size)."""
 
     @abstractmethod

@@ -18,10 +18,10 @@ import threading
 import time
 from typing import Any
 
+from livemig.devices.state import LoadContext, StateSection
 from livemig.machine import Machine
 from livemig.migration import savevm, status
 from livemig.migration.channels import Listener, MigrationURI, open_file_for_read
-from livemig.migration.device_state import DeviceSection, device_sections
 from livemig.migration.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessage, SectionType
 from livemig.migration.params import KNOWN_CAPABILITIES, Capabilities
 from livemig.migration.postcopy import POSTCOPY_COMMANDS, incoming_command
@@ -57,7 +57,8 @@ class IncomingMigration:
         self.status = status.NONE
         self.error_desc: str | None = None
         self.loader = RamLoader(machine.blocks)
-        self.sections: dict[str, DeviceSection] = {s.idstr: s for s in device_sections(machine)}
+        self.sections: dict[str, StateSection] = {s.idstr: s for s in machine.state}
+        self.load_ctx = LoadContext()  # what loading components are told (postcopy)
         self._listener: Listener | None = None
         self._sock: socket.socket | None = None
         self._rp_lock = threading.Lock()
@@ -239,7 +240,7 @@ class IncomingMigration:
                         )
                     if hdr.idstr in loaded:
                         raise StreamError(hdr.offset, f"device section '{hdr.idstr}' sent twice")
-                    sec.load(r, hdr.version_id)
+                    sec.load(r, hdr.version_id, self.load_ctx)
                     loaded.add(hdr.idstr)
                 savevm.check_footer(r, hdr.section_id)
                 continue

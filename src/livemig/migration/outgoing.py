@@ -31,11 +31,11 @@ from livemig.machine import Machine
 from livemig.migration import return_path as rp
 from livemig.migration import savevm, status
 from livemig.migration.channels import MigrationURI, connect, open_file_for_write
-from livemig.migration.device_state import DeviceSection, device_sections
 from livemig.migration.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessage, SectionType
 from livemig.migration.params import Capabilities, Parameters
 from livemig.migration.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
 from livemig.migration.ram_save import TARGET_PAGE_SIZE, RamSaver
+from livemig.migration.sections import SectionTable
 from livemig.migration.tls import TLSClient
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class OutgoingMigration:
             machine.accel.dirty_log,
             clear_bitmap_shift=params.x_clear_bitmap_shift,
         )
-        self.sections: list[DeviceSection] = device_sections(machine)
+        self.sections = SectionTable(machine.state)
         self.start_time = 0.0
         self.end_time: float | None = None
         self.setup_time = 0
@@ -89,10 +89,11 @@ class OutgoingMigration:
         self._rp_error: str | None = None
         self._rp_done = threading.Event()
         self._config_desc: dict[str, Any] | None = None
-        self._ram_id = 0
+        self._ram_id = self.sections.ram_id
         self._stopped_guest = False
         self._was_running = False
         self._thread: threading.Thread | None = None
+        self._holds: list[Any] = []
         self.multifd: Any = None  # multifd.MultifdSender while the multifd capability is on
         self.postcopy: Any = None  # postcopy_source.PostcopySource with postcopy-ram
         if caps["postcopy-ram"]:
@@ -105,8 +106,10 @@ class OutgoingMigration:
     def start(self) -> None:
         self.start_time = time.monotonic()
         self._set_status(status.SETUP)
-        if self.machine.vmem is not None:
-            self.machine.vmem.set_busy_check(self.is_running)
+        # plug state must not change while this migration has a view of it: one hold per
+        # discard manager, released in clean-up after every reader of guest RAM stopped
+        self._holds = [mr.rdm.hold_state(f"migration to {self.uri}")
+                       for mr in self.machine.memory.regions if mr.rdm is not None]
         self._thread = threading.Thread(target=self._main, name="migration-src", daemon=True)
         self._thread.start()
 
@@ -167,8 +170,8 @@ class OutgoingMigration:
         finally:
             self.end_time = time.monotonic()
             self._close()
-            if self.machine.vmem is not None:
-                self.machine.vmem.set_busy_check(None)
+            for hold in self._holds:
+                hold.release()
             self.done.set()
 
     def _open(self) -> None:
@@ -196,17 +199,14 @@ class OutgoingMigration:
         """RAM START (block list; bitmaps set up meanwhile), the early device sections,
         then ``active``. Without ``log`` (background snapshot) there is no dirty log and
         no sync, but discarded ranges still leave the bitmap."""
-        self._ram_id = 0
+        self._ram_id = self.sections.ram_id
         savevm.start_section(w, SectionType.START, self._ram_id, RAM_IDSTR, 0, RAM_VERSION)
         self.saver.write_setup(w)
         self.saver.init_bitmaps(start_log=log, sync=log)
         if log:
             self._pass_event()
         savevm.write_footer(w, self._ram_id)
-        for i, sec in enumerate(self.sections, start=1):
-            sec.section_id = i
-            if sec.early:
-                self._write_device(w, sec)
+        self.sections.write_early(w)
         w.flush()
         self.setup_time = int((time.monotonic() - self.start_time) * 1000)
         self._set_status(status.ACTIVE)
@@ -214,11 +214,6 @@ class OutgoingMigration:
     @property
     def machine_type(self) -> str:
         return f"livemig-{self.machine.config.accel}"
-
-    def _write_device(self, w: QEMUFileWriter, sec: DeviceSection) -> None:
-        savevm.start_section(w, SectionType.FULL, sec.section_id, sec.idstr, sec.instance_id, sec.version)
-        w.put_bytes(sec.encode())
-        savevm.write_footer(w, sec.section_id)
 
     def _pass_event(self) -> None:
         if self.caps["events"]:
@@ -281,9 +276,7 @@ class OutgoingMigration:
         saver.send(w)
         saver.write_eos(w)
         savevm.write_footer(w, self._ram_id)
-        for sec in self.sections:
-            if not sec.early:
-                self._write_device(w, sec)
+        self.sections.write_late(w)
         savevm.write_eof(w)
         savevm.write_vmdesc(w, self._vmdesc())
         w.flush()
@@ -304,9 +297,7 @@ class OutgoingMigration:
 
     def _vmdesc(self) -> dict[str, Any]:
         """VMDESCRIPTION: the vmstate sections in stream order (RAM is not described)."""
-        early = [s.vmdesc() for s in self.sections if s.early]
-        late = [s.vmdesc() for s in self.sections if not s.early]
-        return savevm.build_vmdesc(self._config_desc, early + late, TARGET_PAGE_SIZE)
+        return savevm.build_vmdesc(self._config_desc, self.sections.vmdesc_devices(), TARGET_PAGE_SIZE)
 
     def _failure_reason(self, e: BaseException) -> str:
         """Prefer the destination's verdict to our own symptom (a broken pipe, say).

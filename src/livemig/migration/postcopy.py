@@ -152,6 +152,7 @@ class PostcopyIncoming:
         self.summary: dict[str, dict[str, int]] = {}
         self._stopping = False
         self.handler_restarts = 0
+        self._holds: list[Any] = []
 
     # -- commands ---------------------------------------------------------------------------------
     def _expect(self, at: int, what: str, *states: int) -> None:
@@ -216,10 +217,7 @@ class PostcopyIncoming:
         self.recv = np.frombuffer(self.recv_map, np.uint8, count=self.recv_pages)
         self._spawn_handler()  # started now, so its start-up is not part of the downtime
         # virtio-mem must not discard unplugged ranges when its state loads: pages arrive later
-        for sec in self.inc.sections.values():
-            owner = getattr(sec.load, "__self__", None)
-            if owner is not None and hasattr(owner, "postcopy"):
-                owner.postcopy = True
+        self.inc.load_ctx.postcopy = True
         self.state = ADVISE
 
     def _stop_prefault(self) -> None:
@@ -275,8 +273,9 @@ class PostcopyIncoming:
         except OSError as e:
             raise StreamError(at, f"postcopy: cannot register guest RAM with userfaultfd: {e}") from e
         self._setup_handler()
-        if self.machine.vmem is not None:  # plug/unplug answer BUSY until postcopy ends
-            self.machine.vmem.set_busy_check(lambda: self.state in (LISTENING, RUNNING))
+        # plug/unplug answer BUSY until postcopy ends: one hold per discard manager
+        self._holds = [mr.rdm.hold_state("incoming postcopy")
+                       for mr in self.machine.memory.regions if mr.rdm is not None]
         loader.placer = self
         if self.preempt:
             self.chan = self._accept_channel(self.listener)
@@ -684,8 +683,7 @@ class PostcopyIncoming:
             self._drop_local_zero_pages()
         except Exception as e:  # noqa: BLE001 - the migration is complete regardless
             log.warning("postcopy cleanup: %s", e)
-        if self.machine.vmem is not None:
-            self.machine.vmem.set_busy_check(None)
+        self._release_holds()
         self.inc.loader.placer = None
         self.inc._send_shut(0)
         self.inc._set_status(status.COMPLETED)
@@ -722,6 +720,11 @@ class PostcopyIncoming:
             else:
                 lost += int(np.count_nonzero(missing))
         return lost
+
+    def _release_holds(self) -> None:
+        for hold in self._holds:
+            hold.release()
+        self._holds = []
 
     def _unregister(self) -> None:
         for b in self.registered:
@@ -766,8 +769,7 @@ class PostcopyIncoming:
         if self.uffd >= 0:
             os.close(self.uffd)
             self.uffd = -1
-        if self.state != END and self.machine.vmem is not None:
-            self.machine.vmem.set_busy_check(None)
+        self._release_holds()
         self.recv = None
         if self.recv_map is not None:
             try:

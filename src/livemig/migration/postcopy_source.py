@@ -160,9 +160,7 @@ class PostcopySource:
             self._send_discards(w)
             pkg = BytesWriter()
             savevm.write_command(pkg, MigCommand.POSTCOPY_LISTEN)
-            for sec in out.sections:
-                if not sec.early:
-                    out._write_device(pkg, sec)
+            out.sections.write_late(pkg)
             savevm.write_command(pkg, MigCommand.PING, struct.pack(">I", 3))
             savevm.write_command(pkg, MigCommand.POSTCOPY_RUN)
             data = pkg.getvalue()

@@ -30,6 +30,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, Self
 
+from livemig.devices.vmstate import DecodeError
+
 __all__ = [
     "DEFAULT_BUFFER_SIZE",
     "DIRECT_IO_MIN",
@@ -57,20 +59,9 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 
-class StreamError(Exception):
-    """A malformed or truncated migration stream.
-
-    ``offset`` is the absolute stream offset of the byte where the problem was found (for
-    a truncated read, where that read started), ``problem`` says what is wrong.
-    """
-
-    def __init__(self, offset: int, problem: str) -> None:
-        super().__init__(offset, problem)
-        self.offset = offset
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return f"stream offset {self.offset:#x}: {self.problem}"
+StreamError = DecodeError
+"""A malformed or truncated migration stream (offset, problem): the class device state
+decoding raises too, defined with it in :mod:`livemig.devices.vmstate`."""
 
 
 def _byte_view(data: Any) -> memoryview:

@@ -28,6 +28,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from livemig.devices.vmstate import (
+    Field,
+    VMStateDescription,
+    decode,
+    encode_with_vmdesc,
+)
 from livemig.migration.format import (
     DEFAULT_TARGET_PAGE_SIZE,
     FILE_MAGIC,
@@ -40,12 +46,6 @@ from livemig.migration.format import (
     SectionType,
 )
 from livemig.migration.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
-from livemig.migration.vmstate import (
-    Field,
-    VMStateDescription,
-    decode,
-    encode_with_vmdesc,
-)
 
 __all__ = [
     "CONFIGURATION_VMSD",

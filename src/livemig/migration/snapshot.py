@@ -741,9 +741,7 @@ class BackgroundSnapshot(OutgoingMigration):
         savevm.start_section(dev, SectionType.END, self._ram_id)
         dev.put_be64(RamFlag.EOS)  # END ram carries no page: all go after the resume
         savevm.write_footer(dev, self._ram_id)
-        for sec in self.sections:
-            if not sec.early:
-                self._write_device(dev, sec)
+        self.sections.write_late(dev)
         savevm.write_eof(dev)
         savevm.write_vmdesc(dev, self._vmdesc())
         for hook in self.stopped_hooks:

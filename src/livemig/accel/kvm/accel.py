@@ -41,8 +41,15 @@ import numpy as np
 
 from livemig.accel.kvm import guest_program as gp
 from livemig.accel.kvm import ioctls as k
+from livemig.accel.kvm.cpu_state import (
+    CONTROL_REGS,
+    DESCRIPTOR_TABLES,
+    SEGMENT_REGS,
+    cpu_state_section,
+)
 from livemig.accel.kvm.runner import VcpuRunner
 from livemig.accel.kvm.vm import KvmDirtyLog, KvmVm, VcpuExit
+from livemig.devices.state import StateRegistry
 from livemig.memory import hostmem
 from livemig.memory.dirty_log import BitmapDirtyLog
 from livemig.memory.discard_manager import Section
@@ -58,9 +65,6 @@ PAGE = gp.PAGE
 PAUSE_TIMEOUT = 5.0
 """Seconds a pause may take: one yield interval normally, more while pages fault in."""
 
-SEGMENT_REGS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-DESCRIPTOR_TABLES = ("gdt", "idt")
-CONTROL_REGS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 GENERAL_REGS = tuple(name for name, _ in k.kvm_regs._fields_)
 """rax..r15, rip, rflags: the order of ``struct kvm_regs``."""
 
@@ -320,6 +324,10 @@ class KvmAccel:
     def _check_stopped(self, what: str) -> None:
         if not self.paused:
             raise RuntimeError(f"{what}: the vCPU must be stopped")
+
+    def register_state(self, registry: StateRegistry) -> None:
+        """The vCPU's registers travel in section ``livemig-kvm-cpu`` (``cpu_state``)."""
+        registry.register(cpu_state_section(self))
 
     def save_cpu_state(self) -> dict[str, Any]:
         """Registers needed to resume the vCPU elsewhere (the vCPU must be stopped).

@@ -3,7 +3,7 @@
 The machine knows nothing about migration or QMP; those layers drive it through
 ``stop``/``cont``, the device-state hooks and the run state. Layout of guest-physical
 memory: base RAM ``pc.ram`` from 0 (below 4 GiB), the virtio-mem region from 4 GiB — or,
-with ``--accel kvm``, right after base RAM and below 4 GiB (``accel.factory``), because the
+with ``--accel kvm``, right after base RAM and below 4 GiB (``machine.factory``), because the
 KVM guest runs without paging.
 """
 
@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from livemig.accel import factory
+from livemig.devices.state import StateRegistry
 from livemig.devices.virtio_mem import VirtioMem
 from livemig.guest.usable_memory import UsableMemory
 from livemig.guest.virtio_mem_driver import VirtioMemDriver
-from livemig.guest.workload import WorkloadConfig
+from livemig.guest.workload import WorkloadConfig, guest_state_section
+from livemig.machine.factory import create as create_accel
+from livemig.machine.factory import device_memory_addr
+from livemig.machine.factory import resolve as resolve_accel
 from livemig.memory.checksum import memory_checksum
 from livemig.memory.ram_block import RAMBlock
 from livemig.memory.region import GuestMemoryMap, MemoryRegion
@@ -69,7 +72,7 @@ class Machine:
             raise ValueError(
                 f"--memory must be a positive multiple of 2 MiB up to {MAX_BASE_RAM >> 30} GiB"
             )
-        accel = factory.resolve(config.accel)  # "auto" becomes what runs (machine type)
+        accel = resolve_accel(config.accel)  # "auto" becomes what runs (machine type)
         config = dataclasses.replace(config, accel=accel)
         self.config = config
         self.name = config.name
@@ -83,7 +86,7 @@ class Machine:
         if vc is not None:
             addr = vc.memaddr
             if addr is None:
-                addr = factory.device_memory_addr(accel, config.memory, vc.size, vc.block_size)
+                addr = device_memory_addr(accel, config.memory, vc.size, vc.block_size)
             block = RAMBlock(f"{vc.id}-memdev", vc.size, vc.backend)
             self.vmem_mr = MemoryRegion(f"{vc.id}-memdev", block, addr)
             self.vmem = VirtioMem(
@@ -96,9 +99,15 @@ class Machine:
             )
             self.memory.add(self.vmem_mr)
         self.usable = UsableMemory()
-        self.accel, self.workload = factory.create(
+        self.accel, self.workload = create_accel(
             accel, self.memory, self.usable, config.workload, config.incoming
         )
+        # every component registers the state it migrates, in stream order (devices/state.py)
+        self.state = StateRegistry()
+        if self.vmem is not None:
+            self.vmem.register_state(self.state)
+        self.accel.register_state(self.state)
+        self.state.register(guest_state_section(self.workload, config.workload.vcpus))
         self.driver: VirtioMemDriver | None = None
         self.runstate = "inmigrate" if config.incoming else "prelaunch"
         self.runstate_listeners: list[Callable[[str, str], None]] = []

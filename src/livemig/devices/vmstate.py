@@ -31,16 +31,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from livemig.memory.bitmap import Bitmap, words_for
-from livemig.migration.format import SectionType
-from livemig.migration.qemu_file import QEMUFileReader, StreamError
 
 __all__ = [
+    "DecodeError",
     "Field",
+    "StateReader",
     "VMStateDescription",
     "VMStateError",
     "decode",
@@ -62,7 +62,9 @@ DEFAULT_MAX_BUFFER = 16 << 20
 
 DEFAULT_MAX_STRINGS = 1024
 
-_SUBSECTION = int(SectionType.SUBSECTION)
+SUBSECTION_MARK = 0x05
+"""The byte that opens a subsection (QEMU's ``QEMU_VM_SUBSECTION``)."""
+_SUBSECTION = SUBSECTION_MARK
 
 _INTS: dict[str, struct.Struct] = {
     "uint8": struct.Struct(">B"),
@@ -86,6 +88,39 @@ _VMDESC_TYPE = {
 
 class VMStateError(ValueError):
     """The value handed to :func:`encode` does not match its description."""
+
+
+class DecodeError(Exception):
+    """Bytes that do not hold what their description says (or end too early).
+
+    ``offset`` is the absolute stream offset of the byte where the problem was found (for
+    a truncated read, where that read started), ``problem`` says what is wrong. The
+    migration stream reader raises the same class (``qemu_file.DecodeError`` is this
+    class), so a device's load and the stream framing report problems alike.
+    """
+
+    def __init__(self, offset: int, problem: str) -> None:
+        super().__init__(offset, problem)
+        self.offset = offset
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"stream offset {self.offset:#x}: {self.problem}"
+
+
+class StateReader(Protocol):
+    """What decoding needs of a byte stream (``migration.qemu_file.StateReader``)."""
+
+    def tell(self) -> int: ...
+    def get_u8(self) -> int: ...
+    def get_be16(self) -> int: ...
+    def get_be32(self) -> int: ...
+    def get_be64(self) -> int: ...
+    def peek(self, n: int) -> bytes: ...
+    def skip(self, n: int) -> None: ...
+    def read_exact(self, n: int) -> bytes: ...
+    def readinto_exact(self, dest: Any) -> None: ...
+    def get_counted_string(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -204,6 +239,10 @@ class VMStateDescription:
                 raise ValueError(f"subsection {sub.name!r} must be named {self.name!r} + suffix")
             self._sub_by_name[sub.name.encode()] = sub
 
+    def subsection(self, name: bytes) -> VMStateDescription | None:
+        """The subsection of this level called ``name`` (wire bytes), if there is one."""
+        return self._sub_by_name.get(name)
+
     @property
     def min_version(self) -> int:
         return self.version if self.minimum_version is None else self.minimum_version
@@ -235,7 +274,7 @@ def _size_on_save(f: Field, obj: Any, where: str) -> int:
     return int(n)
 
 
-def _size_on_load(f: Field, values: dict[str, Any], r: QEMUFileReader, where: str) -> int:
+def _size_on_load(f: Field, values: dict[str, Any], r: StateReader, where: str) -> int:
     spec = f.size
     off = r.tell()
     try:
@@ -247,16 +286,16 @@ def _size_on_load(f: Field, values: dict[str, Any], r: QEMUFileReader, where: st
             assert spec is not None
             n = spec(values)
     except Exception as e:  # the inputs come from the stream: any failure is a stream error
-        raise StreamError(off, f"{where}: cannot size field {f.name!r}: {e!r}") from None
+        raise DecodeError(off, f"{where}: cannot size field {f.name!r}: {e!r}") from None
     if not isinstance(n, int | np.integer) or n < 0:
-        raise StreamError(off, f"{where}: field {f.name!r} has invalid size {n!r}")
+        raise DecodeError(off, f"{where}: field {f.name!r} has invalid size {n!r}")
     n = int(n)
     default = DEFAULT_MAX_BITMAP_BITS if f.kind == "bitmap" else DEFAULT_MAX_BUFFER
     if f.kind == "strings":
         default = DEFAULT_MAX_STRINGS
     limit = f.limit if f.limit is not None else default
     if n > limit:
-        raise StreamError(off, f"{where}: field {f.name!r} size {n} exceeds the limit of {limit}")
+        raise DecodeError(off, f"{where}: field {f.name!r} size {n} exceeds the limit of {limit}")
     return n
 
 
@@ -270,7 +309,7 @@ def _present(f: Field, values: Any, version: int, where: str, off: int | None) -
     try:
         return bool(f.exists(values))
     except Exception as e:
-        raise StreamError(off, f"{where}: cannot test field {f.name!r}: {e!r}") from None
+        raise DecodeError(off, f"{where}: cannot test field {f.name!r}: {e!r}") from None
 
 
 def _bitmap_words(f: Field, value: Any, nbits: int, where: str) -> bytes:
@@ -411,7 +450,7 @@ def vmdesc_entry(
 # -- decoding -----------------------------------------------------------------------------------
 
 
-def _read_int(r: QEMUFileReader, kind: str) -> int:
+def _read_int(r: StateReader, kind: str) -> int:
     if kind == "uint8":
         return r.get_u8()
     if kind == "uint16":
@@ -427,7 +466,7 @@ def _read_int(r: QEMUFileReader, kind: str) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
-def _decode_bitmap(f: Field, r: QEMUFileReader, nbits: int, where: str) -> Bitmap:
+def _decode_bitmap(f: Field, r: StateReader, nbits: int, where: str) -> Bitmap:
     off = r.tell()
     nwords = words_for(nbits)
     raw = np.empty(nwords, dtype=">u8")
@@ -435,7 +474,7 @@ def _decode_bitmap(f: Field, r: QEMUFileReader, nbits: int, where: str) -> Bitma
     words = raw.astype(np.uint64)
     tail = nbits & 63
     if tail and nwords and int(words[-1]) >> tail:
-        raise StreamError(
+        raise DecodeError(
             off + (nwords - 1) * 8,
             f"{where}: bitmap {f.name!r} has bits set beyond its {nbits} bits",
         )
@@ -443,7 +482,7 @@ def _decode_bitmap(f: Field, r: QEMUFileReader, nbits: int, where: str) -> Bitma
 
 
 def _decode_field(
-    f: Field, r: QEMUFileReader, values: dict[str, Any], where: str, version: int
+    f: Field, r: StateReader, values: dict[str, Any], where: str, version: int
 ) -> Any:
     kind = f.kind
     if kind == "struct":
@@ -464,26 +503,26 @@ def _decode_field(
             try:
                 items.append(b.decode())
             except UnicodeDecodeError:
-                raise StreamError(
+                raise DecodeError(
                     off, f"{where}: string in {f.name!r} is not UTF-8: {b!r}"
                 ) from None
         return items
-    except StreamError as e:
+    except DecodeError as e:
         if e.problem.startswith(where):
             raise
-        raise StreamError(e.offset, f"{where}: field {f.name!r}: {e.problem}") from None
+        raise DecodeError(e.offset, f"{where}: field {f.name!r}: {e.problem}") from None
 
 
 def _decode_struct(
     desc: VMStateDescription,
-    r: QEMUFileReader,
+    r: StateReader,
     version: int,
     where: str,
     check: bool = True,
     values: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     if check and not desc.min_version <= version <= desc.version:
-        raise StreamError(
+        raise DecodeError(
             r.tell(),
             f"{where}: unsupported version {version} "
             f"(this side accepts {desc.min_version}..{desc.version})",
@@ -498,7 +537,7 @@ def _decode_struct(
 
 
 def _decode_subsections(
-    desc: VMStateDescription, r: QEMUFileReader, values: dict[str, Any], where: str
+    desc: VMStateDescription, r: StateReader, values: dict[str, Any], where: str
 ) -> None:
     prefix = desc.name.encode()
     seen: set[bytes] = set()
@@ -514,20 +553,20 @@ def _decode_subsections(
             return
         off = r.tell()
         label = name.decode(errors="replace")
-        sub = desc._sub_by_name.get(name)
+        sub = desc.subsection(name)
         if sub is None:
-            raise StreamError(off, f"{where}: unknown subsection {label!r}")
+            raise DecodeError(off, f"{where}: unknown subsection {label!r}")
         if name in seen:
-            raise StreamError(off, f"{where}: subsection {label!r} appears twice")
+            raise DecodeError(off, f"{where}: subsection {label!r} appears twice")
         seen.add(name)
         r.skip(2 + n)
         voff = r.tell()
         try:
             version = r.get_be32()
-        except StreamError as e:
-            raise StreamError(e.offset, f"{where}: subsection {label!r}: {e.problem}") from None
+        except DecodeError as e:
+            raise DecodeError(e.offset, f"{where}: subsection {label!r}: {e.problem}") from None
         if not sub.min_version <= version <= sub.version:
-            raise StreamError(
+            raise DecodeError(
                 voff,
                 f"{where}: subsection {label!r} has unsupported version {version} "
                 f"(this side accepts {sub.min_version}..{sub.version})",
@@ -536,13 +575,13 @@ def _decode_subsections(
 
 
 def decode(
-    desc: VMStateDescription, r: QEMUFileReader, version: int | None = None
+    desc: VMStateDescription, r: StateReader, version: int | None = None
 ) -> dict[str, Any]:
     """Read the state described by ``desc`` and return it as a dict.
 
     ``version`` is the version id from the section header (default ``desc.version``).
     Nested structs decode to nested dicts, bitmaps to ``Bitmap``, buffers to ``bytes``.
     Subsection values are merged into the same dict, as their fields belong to the same
-    object. Every problem is a :class:`StreamError` naming the description and field.
+    object. Every problem is a :class:`DecodeError` naming the description and field.
     """
     return _decode_struct(desc, r, desc.version if version is None else version, desc.name)
