@@ -26,6 +26,7 @@ from livemig.machine.factory import create as create_accel
 from livemig.machine.factory import device_memory_addr
 from livemig.machine.factory import resolve as resolve_accel
 from livemig.memory.checksum import memory_checksum
+from livemig.memory.dirty_log import DirtyLog
 from livemig.memory.ram_block import RAMBlock
 from livemig.memory.region import GuestMemoryMap, MemoryRegion
 
@@ -203,6 +204,18 @@ class Machine:
         self.shutdown()
         for block in self.memory.blocks:
             block.close()
+
+    # -- what migration sees (migration.core.vm.MigratableVM) -------------------------------------
+    @property
+    def dirty_log(self) -> DirtyLog:
+        return self.accel.dirty_log
+
+    @property
+    def machine_type(self) -> str:
+        return f"livemig-{self.config.accel}"
+
+    def vcpu_native_ids(self) -> list[int]:
+        return [int(t) for t in self.accel.vcpu_native_ids()]
 
     # -- inspection ------------------------------------------------------------------------------
     def checksum(self) -> str:

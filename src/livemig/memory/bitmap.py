@@ -24,6 +24,35 @@ def words_for(nbits: int) -> int:
     return (nbits + WORD_BITS - 1) // WORD_BITS
 
 
+def word_bit_indices(words: np.ndarray, word_index: np.ndarray) -> np.ndarray:
+    """Indices of the set bits of ``words`` (uint64), whose word numbers are
+    ``word_index``, in ascending order: the one "bitmap words to bit indices" step."""
+    if not len(words):
+        return np.zeros(0, np.int64)
+    bits = np.unpackbits(np.ascontiguousarray(words, np.uint64).view(np.uint8), bitorder="little")
+    r, c = np.nonzero(bits.reshape(-1, 64))
+    return np.asarray(word_index, np.int64)[r] * 64 + c
+
+
+def index_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, distinct indices -> ``(starts, lengths)`` (int64) of their consecutive runs."""
+    idx = np.asarray(idx, np.int64)
+    if len(idx) == 0:
+        e = np.zeros(0, np.int64)
+        return e, e
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = idx[np.concatenate(([0], brk))]
+    ends = idx[np.concatenate((brk - 1, [len(idx) - 1]))] + 1
+    return starts, ends - starts
+
+
+def mask_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, lengths)`` of the runs of True in a boolean array."""
+    d = np.diff(np.concatenate(([0], np.asarray(mask, bool).view(np.int8), [0])))
+    starts = np.flatnonzero(d == 1).astype(np.int64)
+    return starts, np.flatnonzero(d == -1).astype(np.int64) - starts
+
+
 def _edge_mask(lo: int, hi: int) -> int:
     """Mask of bits [lo, hi) within one word, 0 <= lo < hi <= 64."""
     return ((1 << (hi - lo)) - 1) << lo
@@ -128,6 +157,26 @@ class Bitmap:
         n = self.count(start, count)
         self.clear_range(start, count)
         return n
+
+    def set_indices(self, idx: np.ndarray) -> None:
+        """Set the bits ``idx`` (any order, repeats allowed) in one vectorized step."""
+        idx = np.asarray(idx, np.int64)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.nbits):
+            raise IndexError("bit index outside bitmap")
+        np.bitwise_or.at(self.words, idx >> 6, np.left_shift(np.uint64(1), (idx & 63).astype(np.uint64)))
+
+    def test_indices(self, idx: np.ndarray) -> np.ndarray:
+        """For each index of ``idx``: is its bit set (bool array)."""
+        idx = np.asarray(idx, np.int64)
+        return ((self.words[idx >> 6] >> (idx & 63).astype(np.uint64)) & np.uint64(1)) != 0
+
+    def take_words(self, word_index: np.ndarray) -> np.ndarray:
+        """Indices of the set bits in words ``word_index``, which are then cleared."""
+        words = self.words[word_index]
+        keep = words != 0
+        word_index, words = word_index[keep], words[keep]
+        self.words[word_index] = 0
+        return word_bit_indices(words, word_index)
 
     def clear_runs(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         """Clear many ranges at once; return how many bits were set in them.

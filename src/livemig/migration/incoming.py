@@ -1,4 +1,4 @@
-"""The migration destination: load a stream into a machine waiting in ``inmigrate``.
+"""The migration destination: load a stream into a VM waiting in ``inmigrate``.
 
 Every field of the incoming stream is validated (header, configuration, section types
 and ids, footers, RAM records, device state) and the first problem fails the migration
@@ -6,6 +6,13 @@ with a message that names it and the stream offset. A failed load leaves the des
 VM in ``inmigrate``, not running a half-loaded guest. On a socket, the result travels
 back to the source on the return path (SHUT 0 or 1), so a source never completes a
 migration that the destination did not accept.
+
+:class:`IncomingMigration` owns the listener, the main channel, the section loop and the
+:class:`~livemig.migration.core.job.MigrationJob`; RAM records go to the
+:class:`~livemig.migration.ram.load.RamLoader`, device sections to the components that
+registered them, and modes plug in: multifd accepts its channels around the main one and
+feeds the loader; postcopy registers its commands (:attr:`IncomingMigration.commands`)
+and a page placer, and continues the load after the guest runs.
 """
 
 from __future__ import annotations
@@ -15,25 +22,19 @@ import os
 import socket
 import struct
 import threading
-import time
+from collections.abc import Callable
 from typing import Any
 
 from livemig.devices.state import LoadContext, StateSection
-from livemig.machine import Machine
 from livemig.migration.channels import Listener, MigrationURI, open_file_for_read
 from livemig.migration.core import status
+from livemig.migration.core.job import MigrationJob
 from livemig.migration.core.params import KNOWN_CAPABILITIES, Capabilities
-from livemig.migration.postcopy.destination import POSTCOPY_COMMANDS, incoming_command
+from livemig.migration.core.vm import MigratableVM
 from livemig.migration.ram.load import RamLoader
 from livemig.migration.ram.prefault import Prefaulter
 from livemig.migration.stream import savevm
-from livemig.migration.stream.format import (
-    RAM_IDSTR,
-    RAM_VERSION,
-    MigCommand,
-    RPMessage,
-    SectionType,
-)
+from livemig.migration.stream.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessage, SectionType
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
 from livemig.migration.tls import TLSError, TLSServer
 
@@ -43,57 +44,69 @@ READ_BUFFER = 4 << 20
 VALIDATED_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
 """Capabilities that change the stream format: source and destination must agree."""
 
+CommandFn = Callable[[savevm.Command, QEMUFileReader, int], None]
+
 
 class IncomingMigration:
     def __init__(
         self,
-        machine: Machine,
+        vm: MigratableVM,
         uri: MigrationURI,
         caps: Capabilities,
         emit: status.EventFn = status.no_events,
         autostart: bool = True,
         tls: TLSServer | None = None,
     ):
-        if machine.runstate != "inmigrate":
+        if vm.runstate != "inmigrate":
             raise RuntimeError("the VM is not waiting for an incoming migration")
-        self.machine = machine
+        self.vm = vm
         self.uri = uri
         self.caps = caps
-        self._emit = emit
+        self.emit = emit
         self.autostart = autostart
-        self.status = status.NONE
-        self.error_desc: str | None = None
-        self.loader = RamLoader(machine.blocks)
-        self.sections: dict[str, StateSection] = {s.idstr: s for s in machine.state}
-        self.load_ctx = LoadContext()  # what loading components are told (postcopy)
-        self._listener: Listener | None = None
-        self._sock: socket.socket | None = None
-        self._rp_lock = threading.Lock()
-        self._rp_open = False
-        self.start_time = 0.0
-        self.end_time: float | None = None
-        self.done = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._cancel = threading.Event()
         self.tls = tls
+        self.job = MigrationJob(
+            "incoming migration", emit, events=lambda: bool(caps["events"]), cancelled_status=status.FAILED
+        )
+        self.loader = RamLoader(vm.memory.blocks)
+        self.sections: dict[str, StateSection] = {s.idstr: s for s in vm.state}
+        self.load_ctx = LoadContext()  # what loading components are told (postcopy)
+        self.commands: dict[int, CommandFn] = {}  # mode commands (postcopy registers its own)
+        self.listener: Listener | None = None
+        self.sock: Any = None  # the main channel (a socket or TLS channel)
+        self.fd = -1
+        self.rp_lock = threading.Lock()  # one writer of the return path at a time
+        self.rp_open = False
         self.multifd: Any = None  # multifd.MultifdReceiver while the multifd capability is on
-        self.postcopy: Any = None  # postcopy.PostcopyIncoming with postcopy-ram (see postcopy.py)
+        self.postcopy: Any = None  # postcopy.PostcopyIncoming with postcopy-ram
         if uri.scheme in ("tcp", "unix"):
             # bind now: a busy port is the caller's error; with tls, accept() hands out
             # TLS channels (the same for every connection of this migration)
-            self._listener = Listener(uri, tls=tls)
-            self.uri = self._listener.uri
+            self.listener = Listener(uri, tls=tls)
+            self.uri = self.listener.uri
+
+    # -- public ----------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self.job.status
+
+    @property
+    def error_desc(self) -> str | None:
+        return self.job.error_desc
+
+    @property
+    def done(self) -> Any:
+        return self.job.done
 
     def start(self) -> None:
-        self._set_status(status.SETUP)
-        self._thread = threading.Thread(target=self._main, name="migration-dst", daemon=True)
-        self._thread.start()
+        self.job.on_cleanup("listener", self.close_listener)
+        self.job.start(self._body, self._recover, "migration-dst", self._explain)
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self.job.cancel_requested.set()
         if self.multifd is not None:
             self.multifd.abort()
-        for s in (self._sock, self._listener.sock if self._listener else None):
+        for s in (self.sock, self.listener.sock if self.listener else None):
             if s is not None:
                 try:
                     s.shutdown(socket.SHUT_RDWR)
@@ -101,94 +114,108 @@ class IncomingMigration:
                     pass
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.done.wait(timeout)
+        return self.job.wait(timeout)
 
-    def _set_status(self, new: str) -> None:
-        if self.status != new:
-            self.status = new
-            if self.caps["events"]:
-                self._emit("MIGRATION", {"status": new})
+    def take_listener(self) -> Listener:
+        """Hand the listener over (multifd accepts the channels and the main connection)."""
+        listener, self.listener = self.listener, None
+        assert listener is not None
+        return listener
 
-    # -- thread -------------------------------------------------------------------------------
-    def _main(self) -> None:
-        fd = -1
-        try:
-            if self._listener is not None:
-                self._sock = self._accept_main()
-                reader = QEMUFileReader(self._sock, READ_BUFFER)
-            else:
-                fd = open_file_for_read(self.uri.path)
-                reader = QEMUFileReader(os.fdopen(fd, "rb", buffering=0, closefd=False), READ_BUFFER)
-            self.start_time = time.monotonic()
-            self._set_status(status.ACTIVE)
-            self.loader.prefault = Prefaulter(self.machine.memory.regions)
-            if self.postcopy is None:
-                self._load(reader)
-            elif self.postcopy.load(reader):  # ended in postcopy: the guest runs already
-                return
-            if self.multifd is not None:  # channels stopped and joined before the guest runs
-                self.multifd.finish()
-            self.loader.prefault.stop()
-            self.loader.prefault.release_unused(self.loader.maybe_data)
-            self._send_shut(0)
-            self.machine.start_incoming_guest()
-            if self.autostart:
-                self.machine.cont()
-            else:
-                self.machine.set_runstate("paused")
-            self._set_status(status.COMPLETED)
-        except Exception as e:
-            desc = str(e) if isinstance(e, (StreamError, TLSError)) else f"{type(e).__name__}: {e}"
-            if self.multifd is not None and self.multifd.error and not self._cancel.is_set():
-                desc = self.multifd.error  # the cause, not the main stream's symptom
-            if self._cancel.is_set():
-                desc = "incoming migration cancelled"
-            log.info("incoming migration failed: %s", desc)
-            self.error_desc = desc
-            self._send_shut(1)
-            self._set_status(status.FAILED)
-        finally:
-            self.end_time = time.monotonic()
-            if self.multifd is not None:
-                self.multifd.close()
-            if self.loader.prefault is not None:
-                self.loader.prefault.stop()
-            if self._listener is not None:
-                self._listener.close()
-            if self._sock is not None:
-                self._sock.close()
-            if fd >= 0:
-                os.close(fd)
-            self.done.set()
+    def wake_main(self) -> None:
+        """Make a read blocked on the main channel return (a channel failed)."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
 
-    def _accept_main(self) -> socket.socket:
-        """The main connection; with multifd, channels are accepted around it (multifd.py)."""
-        assert self._listener is not None
+    def close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    # -- the thread ------------------------------------------------------------------------
+    def _body(self) -> None:
+        if self.listener is not None:
+            self.sock = self._accept_main()
+            self.job.on_cleanup("main channel", self._close_main)
+            reader = QEMUFileReader(self.sock, READ_BUFFER)
+        else:
+            self.fd = open_file_for_read(self.uri.path)
+            self.job.on_cleanup("stream file", self._close_file)
+            reader = QEMUFileReader(os.fdopen(self.fd, "rb", buffering=0, closefd=False), READ_BUFFER)
+        self.job.restart_clock()  # total-time counts from the source's connection
+        self.job.move(status.ACTIVE, status.SETUP)
+        prefault = Prefaulter(self.vm.memory.regions)
+        self.loader.prefault = prefault
+        self.job.on_cleanup("prefault threads", prefault.stop)
+        if self.postcopy is None:
+            self.load_stream(reader)
+        elif self.postcopy.load(reader):  # ended in postcopy: the guest runs already
+            return
+        if self.multifd is not None:  # channels stopped and joined before the guest runs
+            self.multifd.finish()
+        prefault.stop()
+        prefault.release_unused(self.loader.maybe_data)
+        self.send_shut(0)
+        self.vm.start_incoming_guest()
+        if self.autostart:
+            self.vm.cont()
+        else:
+            self.vm.set_runstate("paused")
+
+    def _recover(self, final: str) -> None:
+        self.send_shut(1)
+
+    def _explain(self, e: BaseException) -> str:
+        if self.multifd is not None and self.multifd.error:
+            return str(self.multifd.error)  # the cause, not the main stream's symptom
+        return str(e) if isinstance(e, (StreamError, TLSError)) else f"{type(e).__name__}: {e}"
+
+    def _accept_main(self) -> Any:
+        """The main connection; with multifd, channels are accepted around it."""
         if self.caps["multifd"]:
-            from livemig.migration.multifd.channels import MultifdReceiver
+            from livemig.migration.multifd.receiver import MultifdReceiver
 
             return MultifdReceiver.attach(self)
-        sock = self._listener.accept()
+        assert self.listener is not None
+        sock = self.listener.accept()
         if self.caps["postcopy-ram"]:  # capabilities as set when the source connects
             from livemig.migration.postcopy.destination import PostcopyIncoming
 
-            self.postcopy = PostcopyIncoming(self)
-            self.postcopy.listener, self._listener = self._listener, None  # postcopy channel
+            self.postcopy = PostcopyIncoming(self, self.take_listener())  # its channel
             return sock
-        self._listener.close()
-        self._listener = None
+        self.close_listener()
         return sock
 
-    def _send_shut(self, value: int) -> None:
-        if not self._rp_open or self._sock is None:
+    def _close_main(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def _close_file(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def send_rp(self, data: bytes) -> None:
+        """One return-path message (raises if the path is closed)."""
+        sock = self.sock
+        if sock is None:
+            raise StreamError(0, "return path is closed")
+        with self.rp_lock:
+            sock.sendall(data)
+
+    def send_shut(self, value: int) -> None:
+        if not self.rp_open or self.sock is None:
             return
         try:
-            self._sock.sendall(struct.pack(">HHI", RPMessage.SHUT, 4, value))
-        except OSError:
+            self.send_rp(struct.pack(">HHI", RPMessage.SHUT, 4, value))
+        except (OSError, StreamError):
             pass
 
-    # -- the stream ------------------------------------------------------------------------------
-    def _load(self, r: QEMUFileReader) -> None:
+    # -- the stream ------------------------------------------------------------------------
+    def load_stream(self, r: QEMUFileReader) -> None:
         savevm.read_header(r)
         head = r.peek(1)
         if not head:
@@ -200,8 +227,7 @@ class IncomingMigration:
         saw_ram = False
         loaded: set[str] = set()
         while True:
-            if self._cancel.is_set():
-                raise StreamError(r.tell(), "cancelled")
+            self.job.check_cancel()
             hdr = savevm.read_section_header(r)
             kind = hdr.type
             if kind == SectionType.EOF:
@@ -231,24 +257,7 @@ class IncomingMigration:
                     self.loader.load_setup(r)
                     saw_ram = True
                 else:
-                    sec = self.sections.get(hdr.idstr)
-                    if sec is None or hdr.instance_id != sec.instance_id:
-                        raise StreamError(
-                            hdr.offset,
-                            f"Unknown savevm section or instance '{hdr.idstr}' {hdr.instance_id}",
-                        )
-                    if kind != SectionType.FULL:
-                        raise StreamError(hdr.offset, f"device section '{hdr.idstr}' must be FULL")
-                    if hdr.version_id > sec.version or hdr.version_id < 1:
-                        raise StreamError(
-                            hdr.offset,
-                            f"savevm: unsupported version {hdr.version_id} for '{hdr.idstr}' "
-                            f"v{sec.version}",
-                        )
-                    if hdr.idstr in loaded:
-                        raise StreamError(hdr.offset, f"device section '{hdr.idstr}' sent twice")
-                    sec.load(r, hdr.version_id, self.load_ctx)
-                    loaded.add(hdr.idstr)
+                    self._load_device(r, hdr, kind, loaded)
                 savevm.check_footer(r, hdr.section_id)
                 continue
             if kind in (SectionType.PART, SectionType.END):
@@ -257,9 +266,7 @@ class IncomingMigration:
                     raise StreamError(hdr.offset, f"unknown section id {hdr.section_id}")
                 if name != RAM_IDSTR:
                     raise StreamError(hdr.offset, f"section '{name}' is not iterative")
-                self.loader.start_section()
-                self.loader.load(r)
-                savevm.check_footer(r, hdr.section_id)
+                self.load_ram_section(r, hdr.section_id)
                 continue
             raise StreamError(hdr.offset, f"unexpected section type 0x{int(kind):02x}")
         if not saw_ram:
@@ -267,8 +274,18 @@ class IncomingMigration:
         missing = [s for s in self.sections if s not in loaded]
         if missing:
             raise StreamError(r.tell(), f"stream ended without device state for {', '.join(missing)}")
-        # The VMDESCRIPTION trailer is optional and carries nothing to load, but it is read
-        # (and checked) so the source is not left with unread bytes on a closing socket.
+        self.read_trailer(r)
+
+    def load_ram_section(self, r: QEMUFileReader, section_id: int) -> None:
+        """The RAM records of one PART or END section, and its footer."""
+        self.loader.start_section()
+        self.loader.load(r)
+        savevm.check_footer(r, section_id)
+
+    def read_trailer(self, r: QEMUFileReader) -> None:
+        """The VMDESCRIPTION trailer is optional and carries nothing to load, but it is
+        read (and checked) so the source is not left with unread bytes on a closing
+        socket."""
         rest = r.fill(1)
         if len(rest):
             if rest[0] != SectionType.VMDESCRIPTION:
@@ -276,13 +293,31 @@ class IncomingMigration:
             savevm.read_section_header(r)
             savevm.read_vmdesc(r)
             # a file must end here; a socket is closed by the source once we answer
-            if self._sock is None and not r.at_eof():
+            if self.sock is None and not r.at_eof():
                 raise StreamError(r.tell(), "unexpected data after VMDESCRIPTION")
+
+    def _load_device(self, r: QEMUFileReader, hdr: Any, kind: int, loaded: set[str]) -> None:
+        sec = self.sections.get(hdr.idstr)
+        if sec is None or hdr.instance_id != sec.instance_id:
+            raise StreamError(
+                hdr.offset, f"Unknown savevm section or instance '{hdr.idstr}' {hdr.instance_id}"
+            )
+        if kind != SectionType.FULL:
+            raise StreamError(hdr.offset, f"device section '{hdr.idstr}' must be FULL")
+        if hdr.version_id > sec.version or hdr.version_id < 1:
+            raise StreamError(
+                hdr.offset,
+                f"savevm: unsupported version {hdr.version_id} for '{hdr.idstr}' v{sec.version}",
+            )
+        if hdr.idstr in loaded:
+            raise StreamError(hdr.offset, f"device section '{hdr.idstr}' sent twice")
+        sec.load(r, hdr.version_id, self.load_ctx)
+        loaded.add(hdr.idstr)
 
     def _check_configuration(self, r: QEMUFileReader, at: int) -> None:
         cfg = savevm.read_configuration(r)
         name = cfg["machine"]
-        ours = f"livemig-{self.machine.config.accel}"
+        ours = self.vm.machine_type
         if name != ours:
             raise StreamError(at, f"Machine type received is '{name}' and local is '{ours}'")
         bits = cfg.get("target_page_bits")
@@ -298,34 +333,52 @@ class IncomingMigration:
         command = savevm.read_command(r)
         cmd, payload = command.cmd, command.payload
         if cmd == MigCommand.OPEN_RETURN_PATH:
-            if self._sock is None:
+            if self.sock is None:
                 raise StreamError(at, "return path requested on a one-way channel")
-            self._rp_open = True
+            self.rp_open = True
         elif cmd == MigCommand.PING:
-            if not self._rp_open or self._sock is None:
+            if not self.rp_open or self.sock is None:
                 (value,) = struct.unpack(">I", payload)
                 raise StreamError(at, f"CMD_PING (0x{value:x}) received with no return path")
-            self._sock.sendall(struct.pack(">HH", RPMessage.PONG, len(payload)) + payload)
-        elif cmd in POSTCOPY_COMMANDS:
-            incoming_command(self, command, r, at)
+            self.send_rp(struct.pack(">HH", RPMessage.PONG, len(payload)) + payload)
+        elif cmd in self.commands:
+            self.commands[cmd](command, r, at)
         else:
-            raise StreamError(at, f"unsupported migration command {int(cmd)}")
+            why = ""
+            if cmd in POSTCOPY_COMMAND_NAMES:
+                why = f": {cmd.name} while postcopy-ram is off here"
+                if cmd == MigCommand.POSTCOPY_ADVISE and len(payload) == 16:
+                    why = ": RAM postcopy is disabled but have 16 byte advise"
+            raise StreamError(at, f"unsupported migration command {int(cmd)}{why}")
 
-    # -- query-migrate ------------------------------------------------------------------------------
+    # -- query-migrate ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.status}
-        if self.start_time:
-            end = self.end_time or time.monotonic()
-            out["total-time"] = int((end - self.start_time) * 1000)
+        out: dict[str, Any] = {"status": self.job.status}
+        if self.job.status not in (status.NONE, status.SETUP):
+            out.update(self.job.times())
+            ld = self.loader
             out["ram"] = {
-                "transferred": self.loader.bytes_loaded,
-                "normal": self.loader.pages_loaded,
-                "duplicate": self.loader.zero_records,
-                "normal-bytes": self.loader.bytes_loaded,
+                "transferred": ld.bytes_loaded,
+                "normal": ld.pages_loaded,
+                "duplicate": ld.zero_records,
+                "normal-bytes": ld.bytes_loaded,
                 "page-size": 4096,
             }
             if self.postcopy is not None and self.postcopy.state:
                 out["ram"].update(self.postcopy.info())
-        if self.error_desc:
-            out["error-desc"] = self.error_desc
+        if self.job.error_desc:
+            out["error-desc"] = self.job.error_desc
         return out
+
+
+POSTCOPY_COMMAND_NAMES = frozenset(
+    {
+        MigCommand.POSTCOPY_ADVISE,
+        MigCommand.POSTCOPY_LISTEN,
+        MigCommand.POSTCOPY_RUN,
+        MigCommand.POSTCOPY_RAM_DISCARD,
+        MigCommand.PACKAGED,
+        MigCommand.POSTCOPY_RESUME,
+        MigCommand.RECV_BITMAP,
+    }
+)

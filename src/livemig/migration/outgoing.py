@@ -1,9 +1,10 @@
-"""The migration source: precopy in QEMU's stream format, with cancel and failure recovery.
+"""The migration source: QEMU's stream, one state machine, a mode, a RAM sink.
 
 Stream written (reference 4):
 
     header, configuration
     [COMMAND OPEN_RETURN_PATH]                       socket URIs
+    [mode commands: POSTCOPY_ADVISE]
     START ram (MEM_SIZE block list, EOS), footer
     FULL <early device sections> (virtio-mem bitmap), footer     before any page
     PART ram (pages, EOS), footer                    repeated while iterating
@@ -12,10 +13,18 @@ Stream written (reference 4):
     FULL <device sections>, footer
     EOF, VMDESCRIPTION
 
-Whatever goes wrong — a dead connection, the destination reporting an error on the return
-path, ``migrate_cancel`` — the source stops its dirty log, closes the channel and, if it
-had stopped the guest for the switchover, lets it run again. Guest memory is never
-modified by the source, so it is intact by construction.
+:class:`OutgoingMigration` assembles one migration from parts that each own one thing —
+the :class:`~livemig.migration.core.job.MigrationJob` (status, cancel, run order), the
+RAM state (bitmaps, the walk), a page sink (the stream, or multifd's channels), the
+section table, guest stop/resume, the rate limit, the return path — and runs its *mode*
+(:class:`SourceMode`: precopy here; postcopy and background snapshot in their packages).
+Modes use the building blocks below; they never reach into another object's state.
+
+Whatever goes wrong — a dead connection, the destination reporting an error on the
+return path, ``migrate_cancel`` — the job's recovery stops the dirty log and, if the
+guest was stopped for the switchover, lets it run again; then clean-ups close channels,
+join threads and release the RamDiscardManager holds; only then is the final status
+published. Guest memory is never modified by the source, so it is intact by construction.
 """
 
 from __future__ import annotations
@@ -23,383 +32,365 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from livemig.machine import Machine
-from livemig.migration.channels import MigrationURI, connect, open_file_for_write
 from livemig.migration.core import status
+from livemig.migration.core.guest import GuestControl
+from livemig.migration.core.job import Cancelled, MigrationJob, describe
 from livemig.migration.core.params import Capabilities, Parameters
-from livemig.migration.ram.save import TARGET_PAGE_SIZE, RamSaver
-from livemig.migration.stream import return_path as rp
+from livemig.migration.core.rate import RateLimiter
+from livemig.migration.core.vm import MigratableVM
+from livemig.migration.channels import MigrationURI, connect, open_file_for_write
+from livemig.migration.ram.codec import write_block_list
+from livemig.migration.ram.sender import PageSink, StreamSink, send_pass
+from livemig.migration.ram.state import TARGET_PAGE_SIZE, RamState
 from livemig.migration.stream import savevm
-from livemig.migration.stream.format import (
-    RAM_IDSTR,
-    RAM_VERSION,
-    MigCommand,
-    RPMessage,
-    SectionType,
-)
-from livemig.migration.stream.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
+from livemig.migration.stream.format import RAM_IDSTR, RAM_VERSION, MigCommand, SectionType
+from livemig.migration.stream.qemu_file import QEMUFileWriter, StreamError
+from livemig.migration.stream.return_channel import Handler, ReturnPathReader
 from livemig.migration.stream.sections import SectionTable
 from livemig.migration.tls import TLSClient
 
 log = logging.getLogger(__name__)
 
-RATE_WINDOW = 0.1  # seconds; max-bandwidth is enforced per window, like QEMU
-SLICE_BYTES = 32 << 20  # bytes per PART section when unthrottled
 RETURN_PATH_TIMEOUT = 30.0
+MigrationCancelled = Cancelled  # the name modes and older callers know
 
 
-class MigrationCancelled(Exception):
-    pass
+class SourceMode(Protocol):
+    """What a mode decides about an outgoing migration (precopy, postcopy, snapshot)."""
+
+    start_log: bool  # whether RAM set-up starts and syncs the dirty log
+
+    def commands(self, w: QEMUFileWriter) -> None:
+        """Mode commands after OPEN_RETURN_PATH, before RAM set-up (POSTCOPY_ADVISE)."""
+
+    def run(self) -> None:
+        """Everything after the stream's start: iterate and complete (raise on failure)."""
+
+    def recover(self, final: str) -> None:
+        """The migration failed or was cancelled: release what the mode holds."""
+
+    def info(self, ram: dict[str, Any]) -> None:
+        """Add the mode's figures to query-migrate's ``ram``."""
 
 
 class OutgoingMigration:
     def __init__(
         self,
-        machine: Machine,
+        vm: MigratableVM,
         uri: MigrationURI,
         caps: Capabilities,
         params: Parameters,
         emit: status.EventFn = status.no_events,
+        mode: Callable[[OutgoingMigration], SourceMode] | None = None,
     ):
-        self.machine = machine
+        self.vm = vm
         self.uri = uri
         self.caps = caps
         self.params = params
+        self.emit = emit
         # TLS for every socket of this migration (None without tls-creds): pass it to
         # channels.connect() for extra channels and reconnects too (docs/security.md)
         self.tls: TLSClient | None = TLSClient.from_params(params, uri)
-        self._emit = emit
-        self.status = status.NONE
-        self.error_desc: str | None = None
-        self.saver = RamSaver(
-            machine.memory.regions,
-            machine.accel.dirty_log,
-            clear_bitmap_shift=params.x_clear_bitmap_shift,
-        )
-        self.sections = SectionTable(machine.state)
-        self.start_time = 0.0
-        self.end_time: float | None = None
+        self.job = MigrationJob("migration", emit, events=lambda: bool(caps["events"]))
+        self.ram = RamState(vm.memory.regions, vm.dirty_log, clear_bitmap_shift=params.x_clear_bitmap_shift)
+        self.sections = SectionTable(vm.state)
+        self.guest = GuestControl(vm)
+        self.rate = RateLimiter(lambda: int(self.params.max_bandwidth))
+        self.sock: Any = None  # the main channel (socket or TLS channel), or None for file:
+        self.fd = -1
+        self.w: QEMUFileWriter | None = None
+        self.rp: ReturnPathReader | None = None
+        self.rp_handler: Handler | None = None  # the mode's return-path messages
+        self.sink: PageSink | None = None
+        self.multifd: Any = None  # multifd.MultifdSender while the multifd capability is on
+        self.config_desc: dict[str, Any] | None = None
         self.setup_time = 0
         self.downtime: int | None = None
         self.expected_downtime = 0
         self.bandwidth = 0.0  # bytes/s, measured over the last pass
-        self._cancel = threading.Event()
-        self._sock: socket.socket | None = None
-        self._fd = -1
-        self._w: QEMUFileWriter | None = None
-        self._rp_thread: threading.Thread | None = None
-        self._rp_result: int | None = None
-        self._rp_error: str | None = None
-        self._rp_done = threading.Event()
-        self._config_desc: dict[str, Any] | None = None
-        self._ram_id = self.sections.ram_id
-        self._stopped_guest = False
-        self._was_running = False
-        self._thread: threading.Thread | None = None
-        self._holds: list[Any] = []
-        self.multifd: Any = None  # multifd.MultifdSender while the multifd capability is on
-        self.postcopy: Any = None  # postcopy_source.PostcopySource with postcopy-ram
-        if caps["postcopy-ram"]:
-            from livemig.migration.postcopy.source import PostcopySource
+        self.mode: SourceMode = (mode or Precopy)(self)
 
-            self.postcopy = PostcopySource(self)
-        self.done = threading.Event()
-
-    # -- public -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.start_time = time.monotonic()
-        self._set_status(status.SETUP)
-        # plug state must not change while this migration has a view of it: one hold per
-        # discard manager, released in clean-up after every reader of guest RAM stopped
-        self._holds = [mr.rdm.hold_state(f"migration to {self.uri}")
-                       for mr in self.machine.memory.regions if mr.rdm is not None]
-        self._thread = threading.Thread(target=self._main, name="migration-src", daemon=True)
-        self._thread.start()
-
-    def is_running(self) -> bool:
-        return self.status not in status.FINISHED and self.status != status.NONE
-
-    def cancel(self) -> None:
-        if not self.is_running():
-            return
-        self._cancel.set()
-        self._set_status(status.CANCELLING)
-        if self.multifd is not None:
-            self.multifd.abort()
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.done.wait(timeout)
-
-    # -- state --------------------------------------------------------------------------------
-    def _set_status(self, new: str) -> None:
-        if self.status == new:
-            return
-        self.status = new
-        if self.caps["events"]:
-            self._emit("MIGRATION", {"status": new})
-
-    def _check_cancel(self) -> None:
-        if self._cancel.is_set():
-            raise MigrationCancelled()
-        if self._rp_error is not None:
-            raise StreamError(0, f"return path: {self._rp_error}")
-        if self._rp_result not in (None, 0):
-            raise StreamError(0, "destination reported a failed migration")
-
-    # -- the migration thread -----------------------------------------------------------------
-    def _main(self) -> None:
-        try:
-            self._open()
-            self._start_multifd()
-            self._setup()
-            self._iterate()
-            if self.postcopy is not None and self.postcopy.start_requested.is_set():
-                self.postcopy.run()  # switchover to postcopy; pauses instead of failing
-            else:
-                self._complete()
-        except MigrationCancelled:
-            self._fail(status.CANCELLED, None)
-        except Exception as e:  # every failure ends here: keep the guest alive
-            if self._cancel.is_set():
-                self._fail(status.CANCELLED, None)
-            else:
-                log.info("migration failed: %s", e)
-                self._fail(status.FAILED, self._failure_reason(e))
-        finally:
-            self.end_time = time.monotonic()
-            self._close()
-            for hold in self._holds:
-                hold.release()
-            self.done.set()
-
-    def _open(self) -> None:
-        if self.uri.scheme == "file":
-            self._fd = open_file_for_write(self.uri.path, overwrite=self.params.x_file_overwrite)
-            self._w = QEMUFileWriter(os.fdopen(self._fd, "wb", buffering=0, closefd=False), 4 << 20)
-        else:
-            self._sock = connect(self.uri, tls=self.tls)
-            self._w = QEMUFileWriter(self._sock, 4 << 20)
-
-    def _setup(self) -> None:
-        w = self._w
-        assert w is not None
-        savevm.write_header(w)
-        self._config_desc = savevm.write_configuration(w, self.machine_type)
-        if self._sock is not None:
-            savevm.write_command(w, MigCommand.OPEN_RETURN_PATH, b"")
-            if self.postcopy is not None:
-                self.postcopy.send_advise(w)
-            self._rp_thread = threading.Thread(target=self._return_path, name="migration-rp", daemon=True)
-            self._rp_thread.start()
-        self._write_ram_start(w)
-
-    def _write_ram_start(self, w: QEMUFileWriter, log: bool = True) -> None:
-        """RAM START (block list; bitmaps set up meanwhile), the early device sections,
-        then ``active``. Without ``log`` (background snapshot) there is no dirty log and
-        no sync, but discarded ranges still leave the bitmap."""
-        self._ram_id = self.sections.ram_id
-        savevm.start_section(w, SectionType.START, self._ram_id, RAM_IDSTR, 0, RAM_VERSION)
-        self.saver.write_setup(w)
-        self.saver.init_bitmaps(start_log=log, sync=log)
-        if log:
-            self._pass_event()
-        savevm.write_footer(w, self._ram_id)
-        self.sections.write_early(w)
-        w.flush()
-        self.setup_time = int((time.monotonic() - self.start_time) * 1000)
-        self._set_status(status.ACTIVE)
+    # -- public ----------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self.job.status
 
     @property
-    def machine_type(self) -> str:
-        return f"livemig-{self.machine.config.accel}"
+    def error_desc(self) -> str | None:
+        return self.job.error_desc
 
-    def _pass_event(self) -> None:
-        if self.caps["events"]:
-            self._emit("MIGRATION_PASS", {"pass": self.saver.stats.dirty_sync_count})
+    @property
+    def done(self) -> Any:
+        return self.job.done
 
-    def _iterate(self) -> None:
-        w = self._w
-        assert w is not None
-        limit_ms = self.params.downtime_limit
-        pass_start, pass_bytes = time.monotonic(), w.bytes_written
-        window_start, window_bytes = time.monotonic(), w.bytes_written
-        while True:
-            self._check_cancel()
-            if self.postcopy is not None and self.postcopy.start_requested.is_set():
-                return  # migrate-start-postcopy
-            bw = self.params.max_bandwidth
-            slice_bytes = max(int(bw * RATE_WINDOW), TARGET_PAGE_SIZE) if bw else SLICE_BYTES
-            savevm.start_section(w, SectionType.PART, self._ram_id)
-            self.saver.start_section()
-            done = self.saver.send(w, slice_bytes)
-            self.saver.write_eos(w)
-            savevm.write_footer(w, self._ram_id)
-            w.flush()
-            if bw:
-                sent = w.bytes_written - window_bytes
-                ahead = sent / bw - (time.monotonic() - window_start)
-                if ahead > 0:
-                    self._cancel.wait(ahead)
-                if time.monotonic() - window_start > 1.0:
-                    window_start, window_bytes = time.monotonic(), w.bytes_written
-            if not done:
-                continue
-            now = time.monotonic()
-            elapsed = max(now - pass_start, 1e-6)
-            self.bandwidth = (w.bytes_written - pass_bytes) / elapsed
-            pass_start, pass_bytes = now, w.bytes_written
-            self.saver.sync()
-            self._pass_event()
-            remaining = self.saver.remaining_bytes
-            bw_est = self.bandwidth if self.bandwidth > 0 else 1e9
-            self.expected_downtime = int(remaining / bw_est * 1000)
-            if remaining <= bw_est * limit_ms / 1000:
-                return
+    def start(self) -> None:
+        # plug state must not change while this migration has a view of it: one hold per
+        # discard manager, released by the last clean-up, after every reader of guest RAM
+        # (channel threads included) has stopped
+        for mr in self.vm.memory.regions:
+            if mr.rdm is not None:
+                hold = mr.rdm.hold_state(f"migration to {self.uri}")
+                self.job.on_cleanup("discard manager hold", hold.release)
+        self.job.start(self._body, self._recover, "migration-src", self._explain)
 
-    def _complete(self) -> None:
-        w = self._w
-        assert w is not None
-        self._was_running = self.machine.running
-        stop_at = time.monotonic()
-        self._stopped_guest = True  # before stopping: a failure inside stop must resume
-        self.machine.stop("finish-migrate")
-        self._set_status(status.DEVICE)
-        precopy_bytes = w.bytes_written
-        saver = self.saver
-        saver.last_stage = True
-        saver.sync()
-        self._pass_event()
-        savevm.start_section(w, SectionType.END, self._ram_id)
-        saver.start_section()
-        saver.send(w)
-        saver.write_eos(w)
-        savevm.write_footer(w, self._ram_id)
-        self.sections.write_late(w)
-        savevm.write_eof(w)
-        savevm.write_vmdesc(w, self._vmdesc())
-        w.flush()
-        saver.stats.precopy_bytes = precopy_bytes
-        saver.stats.downtime_bytes = w.bytes_written - precopy_bytes
-        if self._rp_thread is not None:
-            if not self._rp_done.wait(RETURN_PATH_TIMEOUT) and self._rp_result is None:
-                raise StreamError(w.bytes_written, "destination did not confirm the migration")
-            self._check_cancel()
-            if self._rp_result is None:
-                raise StreamError(w.bytes_written, self._rp_error or "return path closed early")
-        self.downtime = int((time.monotonic() - stop_at) * 1000)
-        if self.machine.accel.dirty_log.active:
-            self.machine.accel.dirty_log.stop()
-        self.machine.set_runstate("postmigrate")
-        self._stopped_guest = False
-        self._set_status(status.COMPLETED)
+    def is_running(self) -> bool:
+        """Started and not yet finished (clean-up included): no second migration now."""
+        return self.job.running
 
-    def _vmdesc(self) -> dict[str, Any]:
-        """VMDESCRIPTION: the vmstate sections in stream order (RAM is not described)."""
-        return savevm.build_vmdesc(self._config_desc, self.sections.vmdesc_devices(), TARGET_PAGE_SIZE)
+    def cancel(self) -> None:
+        if not self.job.request_cancel():
+            return
+        if self.multifd is not None:
+            self.multifd.abort()
+        self.shutdown_channel()
 
-    def _failure_reason(self, e: BaseException) -> str:
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.job.wait(timeout)
+
+    def check_cancel(self) -> None:
+        """Raise if cancelled or if the return path already brought bad news."""
+        self.job.check_cancel()
+        rp = self.rp
+        if rp is not None:
+            if rp.error is not None:
+                raise StreamError(0, f"return path: {rp.error}")
+            if rp.failed:
+                raise StreamError(0, "destination reported a failed migration")
+
+    # -- the migration thread --------------------------------------------------------------
+    def _body(self) -> None:
+        self.open_channel()
+        if self.caps["multifd"]:
+            from livemig.migration.multifd.sender import MultifdSender
+
+            self.multifd = MultifdSender.attach(self)  # replaces the sink and the writer
+        self.write_stream_start()
+        self.mode.run()
+
+    def _recover(self, final: str) -> None:
+        self.mode.recover(final)
+        log_ = self.vm.dirty_log
+        if log_.active:
+            log_.stop()
+        self.guest.resume()
+
+    def _explain(self, e: BaseException) -> str:
         """Prefer the destination's verdict to our own symptom (a broken pipe, say).
 
         A destination that rejects the stream reports it on the return path and closes;
         our next write then fails first. Give the return path a moment to deliver.
         """
-        if self._rp_thread is not None and isinstance(e, OSError):
-            self._rp_done.wait(1.0)
-        if self._rp_result not in (None, 0):
-            return f"destination reported a failed migration ({_describe(e)})"
-        return _describe(e)
+        rp = self.rp
+        if rp is not None and isinstance(e, OSError):
+            rp.done.wait(1.0)
+        if rp is not None and rp.failed:
+            return f"destination reported a failed migration ({describe(e)})"
+        return describe(e)
 
-    def _fail(self, final: str, desc: str | None) -> None:
-        self.error_desc = desc
-        if desc:  # QEMU prints the reason on stderr too
-            log.warning("migration %s: %s", final, desc)
-        log_ = self.machine.accel.dirty_log
+    # -- channels --------------------------------------------------------------------------
+    def open_channel(self) -> None:
+        if self.uri.scheme == "file":
+            self.fd = open_file_for_write(self.uri.path, overwrite=self.params.x_file_overwrite)
+            self.job.on_cleanup("stream file", self._close_file)
+            self.w = QEMUFileWriter(os.fdopen(self.fd, "wb", buffering=0, closefd=False), 4 << 20)
+        else:
+            self.sock = connect(self.uri, tls=self.tls)
+            self.job.on_cleanup("main channel", self.close_channel)
+            self.w = QEMUFileWriter(self.sock, 4 << 20)
+        self.sink = StreamSink(self.w, self.ram.stats)
+
+    def use_channel(self, sock: Any, w: QEMUFileWriter) -> None:
+        """Carry on over a new main connection (postcopy recovery); the old one is closed."""
+        old_sock, old_w = self.sock, self.w
+        self.sock, self.w = sock, w
+        self.sink = StreamSink(w, self.ram.stats)
+        if old_w is not None:
+            try:
+                old_w.close()
+            except OSError:
+                pass
+        if old_sock is not None:
+            old_sock.close()
+
+    def use_writer(self, w: QEMUFileWriter, sink: PageSink) -> None:
+        """multifd: the main stream's writer counts the channels' bytes; pages go to them."""
+        self.w = w
+        self.sink = sink
+
+    def shutdown_channel(self) -> None:
+        """Wake every thread blocked on the main channel (cancel, postcopy pause)."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close_channel(self) -> None:
+        if self.w is not None:
+            try:
+                self.w.close()
+            except OSError:
+                pass
+        self.shutdown_channel()
+        if self.rp is not None:
+            self.rp.join(5)
+        if self.sock is not None:
+            self.sock.close()
+
+    def _close_file(self) -> None:
+        if self.w is not None:
+            try:
+                self.w.close()
+            except OSError:
+                pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def start_return_path(self) -> ReturnPathReader:
+        """A reader for the current main socket (postcopy recovery calls this again)."""
+        self.rp = ReturnPathReader(self.sock, self.rp_handler, quiet=self.job.cancel_requested.is_set)
+        return self.rp.start()
+
+    # -- the stream ------------------------------------------------------------------------
+    @property
+    def ram_id(self) -> int:
+        return self.sections.ram_id
+
+    def write_stream_start(self) -> None:
+        """Header, configuration, return path, the mode's commands, RAM set-up and the
+        early device sections; then ``active``."""
+        w = self.writer
+        savevm.write_header(w)
+        self.config_desc = savevm.write_configuration(w, self.vm.machine_type)
+        if self.sock is not None:
+            savevm.write_command(w, MigCommand.OPEN_RETURN_PATH, b"")
+            self.mode.commands(w)
+            self.start_return_path()
+        log_ = self.mode.start_log
+        savevm.start_section(w, SectionType.START, self.ram_id, RAM_IDSTR, 0, RAM_VERSION)
+        write_block_list(w, [b.block for b in self.ram.blocks])
+        self.ram.init_bitmaps(start_log=log_, sync=log_)
+        if log_:
+            self.pass_event()
+        savevm.write_footer(w, self.ram_id)
+        self.sections.write_early(w)
+        w.flush()
+        self.setup_time = int((time.monotonic() - self.job.start_time) * 1000)
+        self.job.move(status.ACTIVE, status.SETUP)
+
+    @property
+    def writer(self) -> QEMUFileWriter:
+        assert self.w is not None
+        return self.w
+
+    @property
+    def page_sink(self) -> PageSink:
+        assert self.sink is not None
+        return self.sink
+
+    def pass_event(self) -> None:
+        if self.caps["events"]:
+            self.emit("MIGRATION_PASS", {"pass": self.ram.stats.dirty_sync_count})
+
+    def send_ram_section(self, kind: SectionType, max_bytes: int | None) -> bool:
+        """One PART or END section of RAM; True when the pass is complete."""
+        w, sink = self.writer, self.page_sink
+        savevm.start_section(w, kind, self.ram_id)
+        sink.start_section()
+        done = send_pass(self.ram, sink, w, max_bytes)
+        sink.end_section()
+        savevm.write_footer(w, self.ram_id)
+        w.flush()
+        return done
+
+    def iterate(self, stop: Callable[[], bool] = lambda: False) -> bool:
+        """PART sections until the rest fits in ``downtime-limit`` (True) or ``stop()``."""
+        w = self.writer
+        pass_start, pass_bytes = time.monotonic(), w.bytes_written
+        while True:
+            self.check_cancel()
+            if stop():
+                return False
+            done = self.send_ram_section(SectionType.PART, self.rate.slice_bytes())
+            self.rate.wait(w.bytes_written, self.job.cancel_requested.wait)
+            if not done:
+                continue
+            now = time.monotonic()
+            self.bandwidth = (w.bytes_written - pass_bytes) / max(now - pass_start, 1e-6)
+            pass_start, pass_bytes = now, w.bytes_written
+            self.ram.sync()
+            self.pass_event()
+            remaining = self.ram.remaining_bytes
+            bw_est = self.bandwidth if self.bandwidth > 0 else 1e9
+            self.expected_downtime = int(remaining / bw_est * 1000)
+            if remaining <= bw_est * self.params.downtime_limit / 1000:
+                return True
+
+    def stop_guest_and_sync(self, runstate: str, new_status: str) -> float:
+        """Switchover: stop the vCPUs, ``new_status``, the last sync. Returns when it
+        stopped (for the downtime)."""
+        stop_at = time.monotonic()
+        self.guest.stop(runstate)
+        if not self.job.move(new_status, (status.ACTIVE, status.PRE_SWITCHOVER)):
+            self.job.check_cancel()
+        self.ram.last_stage = True
+        self.ram.sync()
+        self.pass_event()
+        return stop_at
+
+    def write_stream_end(self, w: QEMUFileWriter) -> None:
+        """EOF and the VMDESCRIPTION trailer."""
+        savevm.write_eof(w)
+        savevm.write_vmdesc(w, self.vmdesc())
+
+    def vmdesc(self) -> dict[str, Any]:
+        """VMDESCRIPTION: the vmstate sections in stream order (RAM is not described)."""
+        return savevm.build_vmdesc(self.config_desc, self.sections.vmdesc_devices(), TARGET_PAGE_SIZE)
+
+    def wait_verdict(self, timeout: float = RETURN_PATH_TIMEOUT) -> None:
+        """Wait for the destination's SHUT; raise unless it loaded the stream."""
+        rp = self.rp
+        if rp is None:
+            return
+        w = self.writer
+        if not rp.done.wait(timeout) and rp.result is None:
+            raise StreamError(w.bytes_written, "destination did not confirm the migration")
+        self.check_cancel()
+        if rp.result is None:
+            raise StreamError(w.bytes_written, rp.error or "return path closed early")
+
+    def completed(self) -> None:
+        """The destination has the guest: stop logging, stay stopped (``postmigrate``)."""
+        log_ = self.vm.dirty_log
         if log_.active:
             log_.stop()
-        if self._stopped_guest:
-            if self._was_running:
-                self.machine.cont()
-            else:
-                self.machine.set_runstate("paused")
-            self._stopped_guest = False
-        self._set_status(final)
+        self.guest.handed_over("postmigrate")
 
-    def _start_multifd(self) -> None:
-        """multifd: open the channels; RAM pages travel on them (see multifd.py)."""
-        if self.caps["multifd"]:
-            from livemig.migration.multifd.channels import MultifdSender
-
-            self.multifd = MultifdSender.attach(self)
-
-    def _close(self) -> None:
-        if self.multifd is not None:
-            self.multifd.close(self.saver.stats)
-        if self.postcopy is not None:
-            self.postcopy.close()
-        if self._w is not None:
-            try:
-                self._w.close()
-            except OSError:
-                pass
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._sock.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    # -- return path --------------------------------------------------------------------------
-    def _return_path(self) -> None:
-        """Read destination-to-source messages: SHUT carries the load result."""
-        assert self._sock is not None
-        r = QEMUFileReader(self._sock, 64 << 10)
-        try:
-            for kind, payload in rp.read_messages(r):
-                if kind == RPMessage.SHUT:
-                    self._rp_result = rp.parse_shut(payload)
-                    return
-                if self.postcopy is not None and self.postcopy.rp_message(kind, payload, r):
-                    continue
-                self._rp_error = f"unexpected return-path message {kind}"
-                return
-        except (StreamError, OSError, ValueError) as e:
-            if self._rp_result is None and not self._cancel.is_set():
-                self._rp_error = f"return path lost: {_describe(e)}"
-        finally:
-            self._rp_done.set()
-
-    # -- query-migrate ------------------------------------------------------------------------
+    # -- query-migrate ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        now = self.end_time or time.monotonic()
-        out: dict[str, Any] = {"status": self.status}
-        if self.status == status.NONE:
+        job = self.job
+        out: dict[str, Any] = {"status": job.status}
+        if job.status == status.NONE:
             return out
-        total_ms = int((now - self.start_time) * 1000)
-        st = self.saver.stats
-        transferred = self._w.bytes_written if self._w is not None else 0
-        secs = max(now - self.start_time, 1e-6)
-        out["total-time"] = total_ms
+        now = job.end_time or time.monotonic()
+        st = self.ram.stats
+        transferred = self.w.bytes_written if self.w is not None else 0
+        secs = max(now - job.start_time, 1e-6)
+        out.update(job.times())
         out["setup-time"] = self.setup_time
-        if self.status == status.COMPLETED and self.downtime is not None:
+        if job.status == status.COMPLETED and self.downtime is not None:
             out["downtime"] = self.downtime
-        elif self.status not in status.FINISHED:
+        elif job.status not in status.FINISHED:
             out["expected-downtime"] = self.expected_downtime
         out["ram"] = {
             "transferred": transferred,
-            "remaining": self.saver.remaining_bytes,
-            "total": self.saver.total_bytes,
+            "remaining": self.ram.remaining_bytes,
+            "total": self.ram.total_bytes,
             "duplicate": st.duplicate,
             "normal": st.normal,
             "normal-bytes": st.normal_bytes,
@@ -418,14 +409,47 @@ class OutgoingMigration:
             "hole-pages-skipped": st.holes_skipped,
             "pages-read": st.pages_read,
         }
-        if self.postcopy is not None:
-            out["ram"].update(self.postcopy.info_ram())
-        if self.error_desc:
-            out["error-desc"] = self.error_desc
+        self.mode.info(out["ram"])
+        if job.error_desc:
+            out["error-desc"] = job.error_desc
         return out
 
 
-def _describe(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
-    return str(e) or type(e).__name__
+class Precopy:
+    """Iterate until the rest fits in the downtime limit, then stop the guest and finish."""
+
+    start_log = True
+
+    def __init__(self, out: OutgoingMigration):
+        self.out = out
+
+    def commands(self, w: QEMUFileWriter) -> None:
+        pass
+
+    def run(self) -> None:
+        self.out.iterate()
+        self.complete()
+
+    def complete(self) -> None:
+        """Stop the guest, send what is still dirty and the device state, wait for the
+        destination's verdict."""
+        out = self.out
+        w = out.writer
+        stop_at = out.stop_guest_and_sync("finish-migrate", status.DEVICE)
+        precopy_bytes = w.bytes_written
+        out.send_ram_section(SectionType.END, None)
+        out.sections.write_late(w)
+        out.write_stream_end(w)
+        w.flush()
+        st = out.ram.stats
+        st.precopy_bytes = precopy_bytes
+        st.downtime_bytes = w.bytes_written - precopy_bytes
+        out.wait_verdict()
+        out.downtime = int((time.monotonic() - stop_at) * 1000)
+        out.completed()
+
+    def recover(self, final: str) -> None:
+        pass
+
+    def info(self, ram: dict[str, Any]) -> None:
+        pass

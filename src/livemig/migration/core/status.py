@@ -30,3 +30,28 @@ EventFn = Callable[[str, dict[str, Any]], None]
 
 def no_events(name: str, data: dict[str, Any]) -> None:
     """Default event sink for code paths used without a control layer (tests, CLI)."""
+
+PRE_SWITCHOVER = "pre-switchover"
+
+# Which status may follow which (QEMU's MigrationStatus life cycle, both directions).
+# Final statuses are reached only through MigrationJob's end, after clean-up.
+_RUNNING_SOURCE = (SETUP, ACTIVE, PRE_SWITCHOVER, DEVICE, POSTCOPY_DEVICE, POSTCOPY_ACTIVE,
+                   POSTCOPY_PAUSED, POSTCOPY_RECOVER_SETUP, POSTCOPY_RECOVER)
+TRANSITIONS: dict[str, frozenset[str]] = {
+    NONE: frozenset({SETUP}),
+    SETUP: frozenset({ACTIVE, POSTCOPY_ACTIVE}),
+    ACTIVE: frozenset({PRE_SWITCHOVER, DEVICE, POSTCOPY_DEVICE, POSTCOPY_ACTIVE}),
+    PRE_SWITCHOVER: frozenset({DEVICE}),
+    DEVICE: frozenset(),
+    POSTCOPY_DEVICE: frozenset({POSTCOPY_ACTIVE}),
+    POSTCOPY_ACTIVE: frozenset({POSTCOPY_PAUSED}),
+    POSTCOPY_PAUSED: frozenset({POSTCOPY_RECOVER_SETUP, POSTCOPY_RECOVER}),
+    POSTCOPY_RECOVER_SETUP: frozenset({POSTCOPY_RECOVER, POSTCOPY_PAUSED}),
+    POSTCOPY_RECOVER: frozenset({POSTCOPY_ACTIVE, POSTCOPY_PAUSED}),
+    CANCELLING: frozenset(),
+    COMPLETED: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+for _s in _RUNNING_SOURCE:
+    TRANSITIONS[_s] = TRANSITIONS[_s] | {CANCELLING}

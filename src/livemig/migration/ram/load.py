@@ -1,86 +1,73 @@
-"""The destination side of the RAM section, with every field validated.
+"""The destination side of the RAM section: decoded records applied to guest RAM.
 
-Page records arrive in QEMU's format (one be64 header per page, the block named only when
-it changes). Decoding one record at a time in Python would cost more than the network, so
-the loader looks at the bytes already buffered: a run of PAGE|CONTINUE records is a
-sequence of 4104-byte strides, a run of ZERO|CONTINUE records one of 9-byte strides, and
-numpy views over the buffer validate all headers of a run and scatter all its pages into
-guest RAM at once.
+:class:`RamLoader` checks the block list against this VM, reads every RAM section through
+the shared :class:`~livemig.migration.ram.codec.RecordDecoder` and applies what it hands
+over. It keeps, per block:
 
-Rules the destination keeps (reference 3.8):
+* ``received``: pages for which a record (PAGE or ZERO) or a multifd run arrived;
+* ``maybe_data``: pages that may hold data here — what the block held when loading began,
+  plus every page written since. A ZERO record needs a write only there (reference 3.8):
+  a ZERO record never populates memory that is zero already, pages in holes are left
+  alone, and allocated pages are only written if they are not zero already.
 
-* a ZERO record never populates memory that is already zero: pages in holes are left
-  alone, and allocated pages are only written if they are not zero already;
-* nothing is written outside a block's used length; unknown blocks, unknown or
-  unsupported flags, bad fill bytes and truncated records stop the load with a message
-  naming the problem and the stream offset.
+Pages are written by this loader straight into guest RAM, unless a :class:`PagePlacer` is
+set (postcopy: pages go in with ``UFFDIO_COPY``, never written into registered memory).
+Other receivers of pages (multifd channel threads) report what they wrote with
+:meth:`RamLoader.mark_data_runs` and hand zero runs to :meth:`RamLoader.zero_runs`, so
+these maps and counters have one owner; :attr:`RamLoader.lock` serialises them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.ram_block import RAMBlock
+from livemig.migration.ram.codec import RecordDecoder, expect_eos, read_block_list
 from livemig.migration.ram.prefault import Prefaulter
-from livemig.migration.ram.save import PAGE_RECORD, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, ZERO_RECORD
-from livemig.migration.stream.format import RamFlag
+from livemig.migration.ram.state import TARGET_PAGE_BITS
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
 
-_FLAG_MASK = TARGET_PAGE_SIZE - 1
-# a plain int: ``~`` of an IntFlag complements only within the defined members, so it
-# would let undefined bits above MULTIFD_FLUSH (0x400, 0x800) through
-_KNOWN = int(
-    RamFlag.ZERO
-    | RamFlag.MEM_SIZE
-    | RamFlag.PAGE
-    | RamFlag.EOS
-    | RamFlag.CONTINUE
-    | RamFlag.XBZRLE
-    | RamFlag.HOOK
-    | RamFlag.MULTIFD_FLUSH
-)
-_PAGE_C = int(RamFlag.PAGE | RamFlag.CONTINUE)
-_ZERO_C = int(RamFlag.ZERO | RamFlag.CONTINUE)
+ZERO_CHUNK_PAGES = 1 << 14  # zero runs are checked 64 MiB at a time
+
+
+class PagePlacer(Protocol):
+    """Puts pages into guest RAM in place of the loader (postcopy's userfaultfd)."""
+
+    def place_pages(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray) -> None: ...
+    def zero_pages(self, block: RAMBlock, pages: np.ndarray) -> None: ...
 
 
 class RamLoader:
     def __init__(self, blocks: list[RAMBlock]):
         self.blocks = {b.idstr: b for b in blocks}
         self.received = {b.idstr: Bitmap(b.max_length >> TARGET_PAGE_BITS) for b in blocks}
-        # pages that may hold data here: what the block held when loading began, plus every
-        # PAGE record since. A ZERO record needs a write only there (no syscall per record).
         self.maybe_data = {b.idstr: _initial_data_map(b) for b in blocks}
         self._pages = {b.idstr: b.pages_array(0, b.max_length) for b in blocks}
-        self._block: RAMBlock | None = None
+        self.decoder = RecordDecoder(self.blocks)
+        self.lock = threading.Lock()
         self.prefault: Prefaulter | None = None
-        self.multifd: Any = None  # multifd.MultifdReceiver: pages also arrive on its channels
-        # postcopy.PostcopyIncoming after POSTCOPY_LISTEN: pages are placed with UFFDIO_COPY
-        # (never written into registered memory), ZERO records only remembered
-        self.placer: Any = None
+        self.placer: PagePlacer | None = None
+        # multifd: called at each section start (early state is loaded: channel pages may
+        # be applied) and at each MULTIFD_FLUSH record (wait until every channel's round
+        # is in); None without multifd
+        self.on_section: Callable[[], None] | None = None
+        self.on_flush: Callable[[int], None] | None = None
         self.pages_loaded = 0
         self.zero_records = 0
         self.zero_pages_written = 0
         self.bytes_loaded = 0
 
-    # -- setup --------------------------------------------------------------------------------
+    # -- set-up ----------------------------------------------------------------------------
     def load_setup(self, r: QEMUFileReader) -> None:
         """MEM_SIZE block list: every block must exist here with the same length."""
-        at = r.tell()
-        hdr = r.get_be64()
-        flags = hdr & _FLAG_MASK
-        if flags != RamFlag.MEM_SIZE:
-            raise StreamError(at, f"RAM setup: expected MEM_SIZE record, got flags 0x{flags:x}")
-        total = hdr & ~_FLAG_MASK
-        ours = sum(b.used_length for b in self.blocks.values())
+        total, entries, end_at = read_block_list(r)
         seen: set[str] = set()
-        remaining = total
-        while remaining > 0:
-            at = r.tell()
-            name = r.get_counted_string().decode(errors="replace")
-            length = r.get_be64()
+        for at, name, length in entries:
             block = self.blocks.get(name)
             if block is None:
                 raise StreamError(at, f"Unknown ramblock \"{name}\", cannot accept migration")
@@ -88,180 +75,112 @@ class RamLoader:
                 raise StreamError(at, f"RAM block \"{name}\" listed twice")
             if length != block.used_length:
                 raise StreamError(
-                    at,
-                    f"Length mismatch: {name}: 0x{length:x} in != 0x{block.used_length:x}",
+                    at, f"Length mismatch: {name}: 0x{length:x} in != 0x{block.used_length:x}"
                 )
             seen.add(name)
-            remaining -= length
-        if remaining != 0 or total != ours:
-            raise StreamError(
-                r.tell(), f"RAM size mismatch: stream has 0x{total:x} bytes, this VM 0x{ours:x}"
-            )
-        self._expect_eos(r)
-        self._block = None
+        ours = sum(b.used_length for b in self.blocks.values())
+        if sum(e[2] for e in entries) != total or total != ours:
+            raise StreamError(end_at, f"RAM size mismatch: stream has 0x{total:x} bytes, this VM 0x{ours:x}")
+        expect_eos(r)
+        self.decoder.start_section()
 
-    def _expect_eos(self, r: QEMUFileReader) -> None:
-        at = r.tell()
-        v = r.get_be64()
-        if v & _FLAG_MASK != RamFlag.EOS or v & ~_FLAG_MASK:
-            raise StreamError(at, f"RAM section: expected EOS, got 0x{v:016x}")
-
-    # -- iterations -----------------------------------------------------------------------------
+    # -- iterations ------------------------------------------------------------------------
     def start_section(self) -> None:
-        self._block = None
-        if self.multifd is not None:
-            self.multifd.section_started()
+        self.decoder.start_section()
+        if self.on_section is not None:
+            self.on_section()
 
     def load(self, r: QEMUFileReader) -> None:
         """Load page records up to and including EOS."""
-        while True:
-            buf = r.fill(8)
-            if len(buf) < 8:
-                raise StreamError(r.tell(), "truncated stream: RAM record header cut short")
-            hdr = int.from_bytes(buf[:8], "big")
-            flags = hdr & _FLAG_MASK
-            if flags == _PAGE_C and self._block is not None:
-                self._load_page_run(r)
-                continue
-            if flags == _ZERO_C and self._block is not None:
-                self._load_zero_run(r)
-                continue
-            at = r.tell()
-            r.consume(8)
-            addr = hdr & ~_FLAG_MASK
-            if flags & ~_KNOWN:
-                raise StreamError(at, f"unknown RAM record flags 0x{flags:x}")
-            if flags & RamFlag.EOS:
-                if flags != RamFlag.EOS or addr:
-                    raise StreamError(at, f"malformed RAM EOS record 0x{hdr:016x}")
-                return
-            if flags & (RamFlag.XBZRLE | RamFlag.HOOK):
-                raise StreamError(at, f"unsupported RAM record flags 0x{flags:x} (XBZRLE/RDMA)")
-            if flags & RamFlag.MULTIFD_FLUSH:
-                if flags != RamFlag.MULTIFD_FLUSH:
-                    raise StreamError(at, f"malformed MULTIFD_FLUSH record 0x{hdr:016x}")
-                if self.multifd is not None:  # wait until every channel's round is in
-                    self.multifd.flush(at)
-                continue
-            if flags & RamFlag.MEM_SIZE:
-                raise StreamError(at, "MEM_SIZE record outside the RAM setup section")
-            kind = flags & ~int(RamFlag.CONTINUE)
-            if kind not in (RamFlag.ZERO, RamFlag.PAGE):
-                raise StreamError(at, f"RAM record with no type (flags 0x{flags:x})")
-            if flags & RamFlag.CONTINUE:
-                if self._block is None:
-                    raise StreamError(at, "RAM record CONTINUE without a previous block")
-                block = self._block
-            else:
-                name = r.get_counted_string().decode(errors="replace")
-                block = self.blocks.get(name)
-                if block is None:
-                    raise StreamError(at, f"Unknown ramblock \"{name}\"")
-                self._block = block
-            self._check_offset(at, block, addr)
-            page = addr >> TARGET_PAGE_BITS
-            if kind == RamFlag.ZERO:
-                fill_at = r.tell()
-                fill = r.get_u8()
-                if fill != 0:
-                    raise StreamError(fill_at, f"ZERO record with fill byte 0x{fill:02x} (must be 0)")
-                self._zero_pages(block, np.array([page], np.int64))
-            else:
-                got = len(r.fill(TARGET_PAGE_SIZE))
-                if got < TARGET_PAGE_SIZE:  # never write part of a page
-                    raise StreamError(
-                        r.tell(), f"truncated stream: RAM page of {TARGET_PAGE_SIZE} bytes, got {got}"
-                    )
-                if self.placer is not None:
-                    data = np.frombuffer(r.read_exact(TARGET_PAGE_SIZE), np.uint8).reshape(1, -1)
-                    self.placer.place_pages(block, np.array([page], np.int64), data)
-                else:
-                    r.readinto_exact(memoryview(self._pages[block.idstr][page]))
-                self.received[block.idstr].set_range(page, 1)
-                self.maybe_data[block.idstr].set_range(page, 1)
-                self.pages_loaded += 1
-                self.bytes_loaded += TARGET_PAGE_SIZE
+        self.decoder.read_section(r, self)
 
-    @staticmethod
-    def _check_offset(at: int, block: RAMBlock, addr: int) -> None:
-        if addr >= block.used_length:
-            raise StreamError(
-                at,
-                f"RAM record offset 0x{addr:x} beyond used length 0x{block.used_length:x} "
-                f"of block \"{block.idstr}\"",
-            )
-
-    def _run(self, r: QEMUFileReader, stride: int, flags: int) -> tuple[memoryview, np.ndarray, int]:
-        buf = r.fill(stride)
-        n = len(buf) // stride
-        if n == 0:
-            raise StreamError(r.tell(), f"truncated stream: RAM record of {stride} bytes cut short")
-        hdrs = np.ndarray((n,), ">u8", buf, 0, (stride,))
-        bad = (hdrs & np.uint64(_FLAG_MASK)) != np.uint64(flags)
-        if bad.any():
-            n = int(np.argmax(bad))
-            hdrs = hdrs[:n]
-        pages = (hdrs >> np.uint64(TARGET_PAGE_BITS)).astype(np.int64)
-        assert self._block is not None
-        limit = self._block.used_length >> TARGET_PAGE_BITS
-        over = pages >= limit
-        if over.any():
-            i = int(np.argmax(over))
-            self._check_offset(r.tell() + i * stride, self._block, int(pages[i]) << TARGET_PAGE_BITS)
-        return buf, pages, n
-
-    def _load_page_run(self, r: QEMUFileReader) -> None:
-        buf, pages, n = self._run(r, PAGE_RECORD, _PAGE_C)
-        assert self._block is not None
-        data = np.ndarray((n, TARGET_PAGE_SIZE), np.uint8, buf, 8, (PAGE_RECORD, 1))
+    # -- RecordConsumer --------------------------------------------------------------------
+    def pages(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray, at: int) -> None:
+        name = block.idstr
         if self.prefault is not None:  # let other cores populate what comes next
             self.prefault.data_arrived(
-                self._block.idstr, int(pages[0]) << TARGET_PAGE_BITS, (int(pages[-1]) + 1) << TARGET_PAGE_BITS
+                name, int(pages[0]) << TARGET_PAGE_BITS, (int(pages[-1]) + 1) << TARGET_PAGE_BITS
             )
         if self.placer is not None:
-            self.placer.place_pages(self._block, pages, data)
+            self.placer.place_pages(block, pages, data)
         else:
-            self._pages[self._block.idstr][pages] = data
-        _set_bits(self.received[self._block.idstr], pages)
-        _set_bits(self.maybe_data[self._block.idstr], pages)
-        self.pages_loaded += n
-        self.bytes_loaded += n * TARGET_PAGE_SIZE
-        r.consume(n * PAGE_RECORD)
+            self._pages[name][pages] = data
+        with self.lock:
+            self.received[name].set_indices(pages)
+            self.maybe_data[name].set_indices(pages)
+            self.pages_loaded += len(pages)
+            self.bytes_loaded += len(pages) << TARGET_PAGE_BITS
 
-    def _load_zero_run(self, r: QEMUFileReader) -> None:
-        buf, pages, n = self._run(r, ZERO_RECORD, _ZERO_C)
-        fills = np.ndarray((n,), np.uint8, buf, 8, (ZERO_RECORD,))
-        if fills.any():
-            i = int(np.argmax(fills != 0))
-            raise StreamError(
-                r.tell() + i * ZERO_RECORD + 8,
-                f"ZERO record with fill byte 0x{int(fills[i]):02x} (must be 0)",
-            )
-        assert self._block is not None
-        self._zero_pages(self._block, pages)
-        r.consume(n * ZERO_RECORD)
-
-    def _zero_pages(self, block: RAMBlock, pages: np.ndarray) -> None:
+    def zeros(self, block: RAMBlock, pages: np.ndarray, at: int) -> None:
         """Make pages zero without populating memory that is zero already."""
-        self.zero_records += len(pages)
-        _set_bits(self.received[block.idstr], pages)
+        name = block.idstr
+        with self.lock:
+            self.zero_records += len(pages)
+            self.received[name].set_indices(pages)
+            if self.placer is None:
+                pages = pages[self.maybe_data[name].test_indices(pages)]
         if self.placer is not None:
             self.placer.zero_pages(block, pages)
             return
-        words = self.maybe_data[block.idstr].words
-        pages = pages[((words[pages >> 6] >> (pages & 63).astype(np.uint64)) & np.uint64(1)) != 0]
         if len(pages) == 0:
             return
-        view = self._pages[block.idstr]
+        view = self._pages[name]
         rows = view[pages]
         nz = np.bitwise_or.reduce(rows.view(np.uint64), axis=1) != 0
         if nz.any():
             view[pages[nz]] = 0
-            self.zero_pages_written += int(np.count_nonzero(nz))
+            with self.lock:
+                self.zero_pages_written += int(np.count_nonzero(nz))
 
+    def flush(self, at: int) -> None:
+        if self.on_flush is not None:
+            self.on_flush(at)
 
-def _set_bits(bm: Bitmap, pages: np.ndarray) -> None:
-    np.bitwise_or.at(bm.words, pages >> 6, np.left_shift(np.uint64(1), (pages & 63).astype(np.uint64)))
+    # -- for other receivers of pages (multifd channels) ------------------------------------
+    def page_view(self, block: RAMBlock) -> np.ndarray:
+        """The block as (pages, page size) rows of guest RAM, for receivers writing into it."""
+        return self._pages[block.idstr]
+
+    def mark_data_runs(self, block: RAMBlock, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """Runs of pages a receiver wrote into guest RAM itself."""
+        with self.lock:
+            rec, md = self.received[block.idstr], self.maybe_data[block.idstr]
+            for s, ln in zip(starts.tolist(), lengths.tolist(), strict=True):
+                rec.set_range(s, ln)
+                md.set_range(s, ln)
+            n = int(lengths.sum())
+            self.pages_loaded += n
+            self.bytes_loaded += n << TARGET_PAGE_BITS
+
+    def zero_runs(self, block: RAMBlock, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """Zero pages that arrived as runs: write only where a page may hold data here."""
+        name = block.idstr
+        with self.lock:
+            rec, md = self.received[name], self.maybe_data[name]
+            work: list[tuple[int, int]] = []
+            for s, ln in zip(starts.tolist(), lengths.tolist(), strict=True):
+                rec.set_range(s, ln)
+                ms, ml = md.runs(True, s, ln)
+                work += zip(ms.tolist(), ml.tolist(), strict=True)
+            self.zero_records += int(lengths.sum())
+        view = self._pages[name]
+        written = 0
+        for s, ln in work:
+            for c in range(s, s + ln, ZERO_CHUNK_PAGES):
+                rows = view[c : min(c + ZERO_CHUNK_PAGES, s + ln)]
+                nz = np.bitwise_or.reduce(rows.view(np.uint64), axis=1) != 0
+                if nz.any():
+                    rows[nz] = 0
+                    written += int(np.count_nonzero(nz))
+        if written:
+            with self.lock:
+                self.zero_pages_written += written
+
+    # -- what arrived ----------------------------------------------------------------------
+    def received_in(self, block: RAMBlock, starts: np.ndarray, lengths: np.ndarray) -> int:
+        """How many pages of the given runs got a record or a run (discard audit)."""
+        rec = self.received[block.idstr]
+        return sum(rec.count(s, n) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True))
 
 
 def _initial_data_map(block: RAMBlock) -> Bitmap:
@@ -274,4 +193,3 @@ def _initial_data_map(block: RAMBlock) -> Bitmap:
     else:
         bm.set_all()  # anonymous: reading is free (zero page), so check every page
     return bm
-

@@ -1,0 +1,79 @@
+"""Sending RAM: pages leave the bitmap (:class:`~livemig.migration.ram.state.RamState`),
+go through the page pipeline (:mod:`~livemig.migration.ram.pages`) and into a sink.
+
+A :class:`PageSink` is the one thing a mode chooses about sending RAM (QEMU's
+``migration_ops->ram_save_target_page``): :class:`StreamSink` writes RAM records on a
+stream (precopy, the postcopy background push and its urgent channel, the snapshot
+writer); multifd's sink hands batches to its channel threads. Every sink also frames the
+RAM part of a section (block naming restarts per section, EOS at its end), so the main
+stream looks the same whichever sink carries the pages.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from livemig.migration.ram.codec import RecordEncoder
+from livemig.migration.ram.pages import LocalMemory, PageBatch, PageReader, prepare
+from livemig.migration.ram.state import BATCH_PAGES, BlockState, RamState, RamStats
+from livemig.migration.stream.qemu_file import QEMUFileWriter
+
+
+class PageSink(Protocol):
+    """Where a sender's pages go."""
+
+    def start_section(self) -> None:
+        """A RAM section begins on the main stream."""
+
+    def send(self, b: BlockState, idx: np.ndarray) -> None:
+        """Send pages ``idx`` (sorted) of ``b``, already taken out of the bitmap."""
+
+    def end_round(self) -> None:
+        """Every dirty page of the pass was handed over (multifd: SYNC + FLUSH)."""
+
+    def end_section(self) -> None:
+        """The section's RAM part ends (EOS)."""
+
+
+class StreamSink:
+    """RAM records on ``w``: the page pipeline, then the record encoder."""
+
+    def __init__(self, w: QEMUFileWriter, stats: RamStats, reader: PageReader | None = None):
+        self.w = w
+        self.encoder = RecordEncoder(stats)
+        self.reader: PageReader = reader if reader is not None else LocalMemory(BATCH_PAGES)
+
+    def start_section(self) -> None:
+        self.encoder.start_section()
+
+    def send(self, b: BlockState, idx: np.ndarray, extents: np.ndarray | None = None) -> None:
+        self.put(prepare(b, idx, self.reader, extents, out=self.encoder.slots(len(idx))))
+
+    def put(self, batch: PageBatch) -> None:
+        """Records for a batch prepared already (read straight into the record slots)."""
+        self.encoder.put_batch(self.w, batch)
+
+    def end_round(self) -> None:
+        pass
+
+    def end_section(self) -> None:
+        self.encoder.put_eos(self.w)
+
+
+def send_pass(ram: RamState, sink: PageSink, w: QEMUFileWriter, max_bytes: int | None = None) -> bool:
+    """Send dirty pages until the pass is done (True) or ``max_bytes`` went out on ``w``.
+
+    ``w.bytes_written`` counts what every channel sent (multifd's writer includes its
+    channels), so the budget and the rate limit see the whole migration.
+    """
+    start = w.bytes_written
+    while True:
+        if max_bytes is not None and w.bytes_written - start >= max_bytes:
+            return False
+        batch = ram.next_batch()
+        if batch is None:
+            sink.end_round()
+            return True
+        sink.send(*batch)
