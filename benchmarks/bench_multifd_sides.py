@@ -29,7 +29,7 @@ from _qemu import warm_host_memory  # noqa: E402
 from livemig.cli import parse_size  # noqa: E402
 from livemig.memory.ram_block import RAMBlock  # noqa: E402
 from livemig.memory.region import MemoryRegion  # noqa: E402
-from livemig.migration import multifd  # noqa: E402
+from livemig.migration.multifd import receiver, sender, wire  # noqa: E402
 from livemig.migration.ram.load import RamLoader  # noqa: E402
 from livemig.migration.ram.save import RamSaver  # noqa: E402
 from livemig.migration.stream.qemu_file import BytesWriter  # noqa: E402
@@ -73,7 +73,7 @@ def source(random_bytes: int, zero_bytes: int, channels: int) -> dict:
         c.close()
     mr = MemoryRegion("bench", b, 0)
     saver = RamSaver([mr], None)
-    sender = multifd.MultifdSender([s for s, _ in pairs])
+    sender = sender.MultifdSender([s for s, _ in pairs])
     saver.multifd = sender
     saver.init_bitmaps(start_log=False, sync=False)
     t, c0 = time.perf_counter(), os.times()
@@ -104,11 +104,11 @@ def destination(random_bytes: int, zero_bytes: int, channels: int) -> dict:
                 n = min(CHUNK, size - off)
                 runs = np.array([[off, n]], ">u8").tobytes()
                 if off < random_bytes:
-                    hdr = multifd.PACKET.pack(multifd.KIND_PAGES, 0, 1, 0, n // 4096) + bytes([len(name)]) + name
+                    hdr = wire.PACKET.pack(wire.KIND_PAGES, 0, 1, 0, n // 4096) + bytes([len(name)]) + name
                     s.sendmsg([hdr + runs, memoryview(data)[:n]])
                 else:
-                    s.sendall(multifd.PACKET.pack(multifd.KIND_PAGES, 0, 0, 1, 0) + bytes([len(name)]) + name + runs)
-            s.sendall(multifd.PACKET.pack(multifd.KIND_SYNC, 1, 0, 0, 0) + b"\0")
+                    s.sendall(wire.PACKET.pack(wire.KIND_PAGES, 0, 0, 1, 0) + bytes([len(name)]) + name + runs)
+            s.sendall(wire.PACKET.pack(wire.KIND_SYNC, 1, 0, 0, 0) + b"\0")
             s.recv(1)  # until the parent closes
 
         ts = [threading.Thread(target=feed, args=(i, s)) for i, (s, _) in enumerate(pairs)]
@@ -120,11 +120,11 @@ def destination(random_bytes: int, zero_bytes: int, channels: int) -> dict:
     for s, _ in pairs:
         s.close()
     loader = RamLoader([b])
-    rx = multifd.MultifdReceiver(loader)
+    rx = receiver.MultifdReceiver(loader)
     rx.count, rx.session = channels, b"\0" * 16
     t, c0 = time.perf_counter(), os.times()
     for i, (_, c) in enumerate(pairs):
-        ch = multifd._RecvChannel(rx, i, c)
+        ch = receiver.RecvChannel(rx, i, c)
         rx.channels[i] = ch
         ch.thread.start()
     rx.flush(0)

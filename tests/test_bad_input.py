@@ -250,9 +250,8 @@ class Dst:
         inc = self.ctrl.incoming
         assert inc is not None
         assert inc.wait(TIMEOUT), "incoming migration hung"
-        assert inc._thread is not None
-        inc._thread.join(TIMEOUT)
-        assert not inc._thread.is_alive()
+        inc.job.join(TIMEOUT)
+        assert not inc.job.thread_alive
         path.unlink()
         return self.ctrl.query_migrate()
 
@@ -1134,14 +1133,14 @@ def test_cancel_during_setup(
     src, ctrl = source
     before = src.checksum()
     entered, release = threading.Event(), threading.Event()
-    setup = OutgoingMigration._setup
+    setup = OutgoingMigration.write_stream_start
 
     def gated_setup(self: OutgoingMigration) -> None:
         entered.set()
         release.wait(TIMEOUT)
         setup(self)
 
-    monkeypatch.setattr(OutgoingMigration, "_setup", gated_setup)
+    monkeypatch.setattr(OutgoingMigration, "write_stream_start", gated_setup)
     d = make_dst()
     uri = f"unix:{tmp_path / 'setup.sock'}"
     d.ctrl.migrate_incoming(uri)

@@ -12,7 +12,8 @@ from test_precopy import GiB, MiB, boot, machine, total_allocation, unplugged_al
 from livemig.control.vm_controller import VMController
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
-from livemig.migration.multifd import channels as multifd
+from livemig.migration.multifd import receiver, sender, wire
+from livemig.migration.ram.pages import nonzero_pages
 
 MULTIFD = [{"capability": "multifd", "state": True}]
 
@@ -209,16 +210,16 @@ def test_channel_format_rejects_pages_outside_the_block() -> None:
         from livemig.migration.ram.load import RamLoader
 
         loader = RamLoader(m.blocks)
-        rx = multifd.MultifdReceiver(loader)
+        rx = receiver.MultifdReceiver(loader)
         a, b = socket.socketpair()
         rx.count, rx.session = 1, b"x" * 16
-        ch = multifd._RecvChannel(rx, 0, b)
+        ch = receiver.RecvChannel(rx, 0, b)
         rx.channels[0] = ch
         ch.thread.start()
         rx.section_started()
         name = b"pc.ram"
         runs = np.array([[64 * MiB, 4096]], ">u8")
-        a.sendall(multifd.PACKET.pack(multifd.KIND_PAGES, 0, 1, 0, 1) + bytes([len(name)]) + name
+        a.sendall(wire.PACKET.pack(wire.KIND_PAGES, 0, 1, 0, 1) + bytes([len(name)]) + name
                   + runs.tobytes() + bytes(4096))
         ch.thread.join(10)
         assert rx.error is not None and "multifd channel 0" in rx.error and "outside" in rx.error
@@ -254,7 +255,7 @@ def test_multifd_over_tls(tmp_path: Path) -> None:
 
 def test_channel_dying_at_switchover_resumes_the_guest(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """A channel lost while the guest is stopped for the switchover: the guest runs again."""
-    real = multifd._SendChannel._send_sync
+    real = sender.SendChannel._send_sync
     stopped_at_failure: list[str] = []
 
     def failing_sync(self, rnd: int) -> None:  # noqa: ANN001
@@ -270,7 +271,7 @@ def test_channel_dying_at_switchover_resumes_the_guest(tmp_path: Path, monkeypat
         before = src.checksum()
         for c in (cs, cd):
             c.migrate_set_capabilities(MULTIFD)
-        monkeypatch.setattr(multifd._SendChannel, "_send_sync", failing_sync)
+        monkeypatch.setattr(sender.SendChannel, "_send_sync", failing_sync)
         start(cs, cd, "unix", tmp_path)
         assert cs.outgoing.wait(30) and cd.incoming.wait(30)
         assert stopped_at_failure and stopped_at_failure[0] == "finish-migrate"
@@ -295,7 +296,7 @@ def test_nonzero_pages_finds_any_nonzero_byte() -> None:
             rows[:] = rng.integers(0, 256, rows.shape, dtype=np.uint8)
             rows[rng.random(n) < 0.5, :8] = 0
             rows[rng.random(n) < 0.3] = 0
-        assert np.array_equal(multifd.nonzero_pages(rows), rows.any(axis=1)), trial
+        assert np.array_equal(nonzero_pages(rows), rows.any(axis=1)), trial
 
 
 def test_pipe_splicer_moves_memory_to_a_file_without_clearing_it() -> None:

@@ -21,8 +21,9 @@ from livemig.migration.channels import URIError, parse_uri
 from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, MigrationConfigError, Parameters
 from livemig.migration.incoming import IncomingMigration
+from livemig.migration.modes import incoming_migration, outgoing_migration
 from livemig.migration.outgoing import OutgoingMigration
-from livemig.migration.snapshot.snapshot import BackgroundSnapshot, write_tracking_problem
+from livemig.migration.snapshot.tracking import write_tracking_problem
 from livemig.migration.tls import TLSClient, TLSConfigError, TLSServer
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,7 @@ class VMController(PostcopyCommands):
                 raise QMPError(str(e)) from e
             self._check_tls_source(target)
             self.check_postcopy_start(target)
-            cls = BackgroundSnapshot if self.caps["background-snapshot"] else OutgoingMigration
-            self.outgoing = cls(self.machine, target, self.caps, self.params, self.emit)
+            self.outgoing = outgoing_migration(self.machine, target, self.caps, self.params, self.emit)
             self.outgoing.start()
 
     def _check_tls_source(self, target: Any) -> None:
@@ -198,7 +198,7 @@ class VMController(PostcopyCommands):
             try:
                 target = parse_uri(uri)
                 tls = TLSServer.from_params(self.params, target)
-                self.incoming = IncomingMigration(
+                self.incoming = incoming_migration(
                     self.machine, target, self.caps, self.emit, autostart=self.autostart, tls=tls
                 )
             except (URIError, OSError, TLSConfigError) as e:

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import os
 import struct
+from typing import Any
 
 SYS_USERFAULTFD = 323  # x86-64
 UFFD_API = 0xAA
@@ -162,3 +163,46 @@ def parse_faults(buf: bytes | bytearray | memoryview) -> list[tuple[int, int, in
         if event == UFFD_EVENT_PAGEFAULT:
             out.append((address, flags, ptid))
     return out
+
+
+# -- write tracking: can guest memory be write-protected here? -----------------------------
+NOT_SUPPORTED = "Background-snapshot is not supported by host kernel"
+NOT_COMPATIBLE = "Background-snapshot is not compatible with guest memory configuration"
+
+
+def wp_features_for(blocks: list[Any], supported: int) -> int:
+    features = UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    if any(b.fd >= 0 for b in blocks):
+        features |= UFFD_FEATURE_WP_HUGETLBFS_SHMEM & supported
+    features |= UFFD_FEATURE_WP_UNPOPULATED & supported
+    return features
+
+
+def write_tracking_problem(blocks: list[Any]) -> str | None:
+    """QEMU's ``migrate_query_write_tracking`` as an error message, or None if usable.
+
+    The kernel must offer write-protect faults, and every guest RAM block must accept a
+    write-protect registration that allows ``UFFDIO_WRITEPROTECT`` (memfd memory needs
+    ``UFFD_FEATURE_WP_HUGETLBFS_SHMEM``). The probe registers and unregisters on a
+    throw-away context; nothing is protected.
+    """
+    supported = supported_features()
+    if not supported & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
+        return NOT_SUPPORTED
+    if any(b.fd >= 0 for b in blocks) and not supported & UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
+        return NOT_COMPATIBLE
+    try:
+        fd = open_uffd(wp_features_for(blocks, supported))
+    except OSError:
+        return NOT_SUPPORTED
+    try:
+        for b in blocks:
+            ioctls = register_wp(fd, b.host, b.max_length)
+            unregister(fd, b.host, b.max_length)
+            if not ioctls & IOCTL_WRITEPROTECT:
+                return NOT_COMPATIBLE
+    except OSError:
+        return NOT_COMPATIBLE
+    finally:
+        os.close(fd)
+    return None

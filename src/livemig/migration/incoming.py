@@ -34,7 +34,13 @@ from livemig.migration.core.vm import MigratableVM
 from livemig.migration.ram.load import RamLoader
 from livemig.migration.ram.prefault import Prefaulter
 from livemig.migration.stream import savevm
-from livemig.migration.stream.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessage, SectionType
+from livemig.migration.stream.format import (
+    RAM_IDSTR,
+    RAM_VERSION,
+    MigCommand,
+    RPMessage,
+    SectionType,
+)
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
 from livemig.migration.tls import TLSError, TLSServer
 
@@ -56,6 +62,8 @@ class IncomingMigration:
         emit: status.EventFn = status.no_events,
         autostart: bool = True,
         tls: TLSServer | None = None,
+        channels: Callable[[IncomingMigration], Any] | None = None,
+        postcopy: Callable[[IncomingMigration, Listener], Any] | None = None,
     ):
         if vm.runstate != "inmigrate":
             raise RuntimeError("the VM is not waiting for an incoming migration")
@@ -79,6 +87,10 @@ class IncomingMigration:
         self.rp_open = False
         self.multifd: Any = None  # multifd.MultifdReceiver while the multifd capability is on
         self.postcopy: Any = None  # postcopy.PostcopyIncoming with postcopy-ram
+        # the modes, chosen by migration.modes: multifd accepts the main connection among
+        # its channels; postcopy starts when the source connects with postcopy-ram on
+        self._accept_channels = channels
+        self._start_postcopy = postcopy
         if uri.scheme in ("tcp", "unix"):
             # bind now: a busy port is the caller's error; with tls, accept() hands out
             # TLS channels (the same for every connection of this migration)
@@ -174,18 +186,19 @@ class IncomingMigration:
         return str(e) if isinstance(e, (StreamError, TLSError)) else f"{type(e).__name__}: {e}"
 
     def _accept_main(self) -> Any:
-        """The main connection; with multifd, channels are accepted around it."""
-        if self.caps["multifd"]:
-            from livemig.migration.multifd.receiver import MultifdReceiver
-
-            return MultifdReceiver.attach(self)
+        """The main connection. multifd accepts it among its channels; postcopy takes the
+        listener over (its channel connects later)."""
+        if self._accept_channels is not None:
+            sock = self._accept_channels(self)
+            if sock is not None:
+                return sock
         assert self.listener is not None
         sock = self.listener.accept()
-        if self.caps["postcopy-ram"]:  # capabilities as set when the source connects
-            from livemig.migration.postcopy.destination import PostcopyIncoming
-
-            self.postcopy = PostcopyIncoming(self, self.take_listener())  # its channel
-            return sock
+        if self._start_postcopy is not None:
+            pc = self._start_postcopy(self, self.listener)
+            if pc is not None:
+                self.postcopy, self.listener = pc, None
+                return sock
         self.close_listener()
         return sock
 

@@ -36,13 +36,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from livemig.migration.channels import MigrationURI, connect, open_file_for_write
 from livemig.migration.core import status
 from livemig.migration.core.guest import GuestControl
 from livemig.migration.core.job import Cancelled, MigrationJob, describe
 from livemig.migration.core.params import Capabilities, Parameters
 from livemig.migration.core.rate import RateLimiter
 from livemig.migration.core.vm import MigratableVM
-from livemig.migration.channels import MigrationURI, connect, open_file_for_write
 from livemig.migration.ram.codec import write_block_list
 from livemig.migration.ram.sender import PageSink, StreamSink, send_pass
 from livemig.migration.ram.state import TARGET_PAGE_SIZE, RamState
@@ -63,6 +63,7 @@ class SourceMode(Protocol):
     """What a mode decides about an outgoing migration (precopy, postcopy, snapshot)."""
 
     start_log: bool  # whether RAM set-up starts and syncs the dirty log
+    return_path: bool  # whether a socket migration opens the return path
 
     def commands(self, w: QEMUFileWriter) -> None:
         """Mode commands after OPEN_RETURN_PATH, before RAM set-up (POSTCOPY_ADVISE)."""
@@ -86,6 +87,7 @@ class OutgoingMigration:
         params: Parameters,
         emit: status.EventFn = status.no_events,
         mode: Callable[[OutgoingMigration], SourceMode] | None = None,
+        channels: Callable[[OutgoingMigration], Any] | None = None,
     ):
         self.vm = vm
         self.uri = uri
@@ -113,6 +115,8 @@ class OutgoingMigration:
         self.expected_downtime = 0
         self.bandwidth = 0.0  # bytes/s, measured over the last pass
         self.mode: SourceMode = (mode or Precopy)(self)
+        self.postcopy: Any = None  # the postcopy mode, for its QMP commands
+        self._attach_channels = channels  # multifd: opens its channels, takes over the sink
 
     # -- public ----------------------------------------------------------------------------
     @property
@@ -164,10 +168,8 @@ class OutgoingMigration:
     # -- the migration thread --------------------------------------------------------------
     def _body(self) -> None:
         self.open_channel()
-        if self.caps["multifd"]:
-            from livemig.migration.multifd.sender import MultifdSender
-
-            self.multifd = MultifdSender.attach(self)  # replaces the sink and the writer
+        if self._attach_channels is not None:
+            self.multifd = self._attach_channels(self)  # replaces the sink and the writer
         self.write_stream_start()
         self.mode.run()
 
@@ -267,7 +269,7 @@ class OutgoingMigration:
         w = self.writer
         savevm.write_header(w)
         self.config_desc = savevm.write_configuration(w, self.vm.machine_type)
-        if self.sock is not None:
+        if self.sock is not None and self.mode.return_path:
             savevm.write_command(w, MigCommand.OPEN_RETURN_PATH, b"")
             self.mode.commands(w)
             self.start_return_path()
@@ -419,6 +421,7 @@ class Precopy:
     """Iterate until the rest fits in the downtime limit, then stop the guest and finish."""
 
     start_log = True
+    return_path = True
 
     def __init__(self, out: OutgoingMigration):
         self.out = out

@@ -122,6 +122,11 @@ class MigrationJob:
         return self._thread is not None and not self.done.is_set()
 
     @property
+    def thread_alive(self) -> bool:
+        """The migration thread itself still exists (it ends right after ``done``)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def finished(self) -> bool:
         return self.done.is_set()
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from livemig.memory.userfaultfd import write_tracking_problem
+
 # All of QEMU's capability names (reference 5.3); the supported subset is below.
 KNOWN_CAPABILITIES = (
     "xbzrle",
@@ -60,8 +62,6 @@ def check_background_snapshot(caps: dict[str, bool], write_tracking: Callable[[]
     write-protected (None: probe the kernel only).
     """
     if write_tracking is None:
-        from livemig.migration.snapshot.snapshot import write_tracking_problem
-
         problem = write_tracking_problem([])
     else:
         problem = write_tracking()

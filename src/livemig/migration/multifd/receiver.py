@@ -94,7 +94,7 @@ class _ChannelReader:
         return buf
 
 
-class _RecvChannel:
+class RecvChannel:
     def __init__(self, owner: MultifdReceiver, index: int, sock: socket.socket):
         self.owner = owner
         self.index = index
@@ -206,7 +206,7 @@ class MultifdReceiver:
         self.lock = threading.Lock()  # bitmaps and counters of the loader
         self.cond = threading.Condition()
         self._file_locks: dict[str, threading.Lock] = {}
-        self.channels: dict[int, _RecvChannel] = {}
+        self.channels: dict[int, RecvChannel] = {}
         self.count: int | None = None
         self.session: bytes | None = None
         self.round = 0  # rounds released by the main stream
@@ -358,7 +358,7 @@ class MultifdReceiver:
                 problem = f"multifd channel {index} connected twice"
             if problem is None:
                 self.session, self.count = session, count
-                ch = _RecvChannel(self, index, conn)
+                ch = RecvChannel(self, index, conn)
                 self.channels[index] = ch
                 ch.thread.start()
                 self.cond.notify_all()
@@ -386,7 +386,7 @@ class MultifdReceiver:
                 self.cond.wait(0.5)
             return self._gate and not self.finishing and self.error is None
 
-    def channel_synced(self, ch: _RecvChannel, rnd: int) -> bool:
+    def channel_synced(self, ch: RecvChannel, rnd: int) -> bool:
         """A channel read SYNC ``rnd``: wait until the main stream releases the round."""
         with self.cond:
             ch.round = rnd

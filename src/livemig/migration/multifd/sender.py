@@ -77,7 +77,7 @@ class _Counters:
         self.bytes = self.normal = self.duplicate = self.holes = self.pages_read = 0
 
 
-class _SendChannel:
+class SendChannel:
     def __init__(self, owner: MultifdSender, index: int, sock: socket.socket, zerocopy: bool):
         self.owner = owner
         self.index = index
@@ -228,7 +228,7 @@ class MultifdSender:
         self.round = 0  # syncs done; pages queued now belong to this round
         self.zerocopy = zerocopy
         self.syncs_missed_zerocopy = 0
-        self.channels = [_SendChannel(self, i, s, zerocopy) for i, s in enumerate(sockets)]
+        self.channels = [SendChannel(self, i, s, zerocopy) for i, s in enumerate(sockets)]
         self._rr = 0
         self._acc: list[tuple[BlockState, np.ndarray]] = []  # pages not yet handed out
         self._acc_pages = 0

@@ -81,7 +81,6 @@ import numpy as np
 from livemig.machine import Machine
 from livemig.memory import hostmem
 from livemig.memory import userfaultfd as uf
-from livemig.memory.discard_manager import Section
 from livemig.memory.region import MemoryRegion
 from livemig.migration.channels import MigrationURI
 from livemig.migration.core import status
@@ -100,6 +99,7 @@ from livemig.migration.ram.save import (
     BlockSaveState,
     RamSaver,
 )
+from livemig.migration.snapshot.tracking import SnapshotError, WriteTracking
 from livemig.migration.stream import savevm
 from livemig.migration.stream.format import RamFlag, SectionType
 from livemig.migration.stream.qemu_file import BytesWriter, QEMUFileWriter
@@ -113,8 +113,6 @@ IOV_MAX = 1024
 WRITE_CHUNK = 16 << 20  # bytes per write() of a file stream
 FAULT_AHEAD_PAGES = 64  # pages saved per write fault: the aligned 256 KiB around it
 URGENT_PAGES_MAX = 65536  # 256 MiB of saved-but-unsent pages before a fault has to wait
-NOT_SUPPORTED = "Background-snapshot is not supported by host kernel"
-NOT_COMPATIBLE = "Background-snapshot is not compatible with guest memory configuration"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.argtypes = [
@@ -123,135 +121,6 @@ _libc.process_vm_readv.argtypes = [
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
-
-
-class SnapshotError(RuntimeError):
-    pass
-
-
-# -- write tracking: support query, prepare, start ------------------------------------------------
-
-
-def _features_for(blocks: list[Any], supported: int) -> int:
-    features = uf.UFFD_FEATURE_PAGEFAULT_FLAG_WP
-    if any(b.fd >= 0 for b in blocks):
-        features |= uf.UFFD_FEATURE_WP_HUGETLBFS_SHMEM & supported
-    features |= uf.UFFD_FEATURE_WP_UNPOPULATED & supported
-    return features
-
-
-def write_tracking_problem(blocks: list[Any]) -> str | None:
-    """QEMU's ``migrate_query_write_tracking`` as an error message, or None if usable.
-
-    The kernel must offer write-protect faults, and every guest RAM block must accept a
-    write-protect registration that allows ``UFFDIO_WRITEPROTECT`` (memfd memory needs
-    ``UFFD_FEATURE_WP_HUGETLBFS_SHMEM``). The probe registers and unregisters on a
-    throw-away context; nothing is protected.
-    """
-    supported = uf.supported_features()
-    if not supported & uf.UFFD_FEATURE_PAGEFAULT_FLAG_WP:
-        return NOT_SUPPORTED
-    if any(b.fd >= 0 for b in blocks) and not supported & uf.UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
-        return NOT_COMPATIBLE
-    try:
-        fd = uf.open_uffd(_features_for(blocks, supported))
-    except OSError:
-        return NOT_SUPPORTED
-    try:
-        for b in blocks:
-            ioctls = uf.register_wp(fd, b.host, b.max_length)
-            uf.unregister(fd, b.host, b.max_length)
-            if not ioctls & uf.IOCTL_WRITEPROTECT:
-                return NOT_COMPATIBLE
-    except OSError:
-        return NOT_COMPATIBLE
-    finally:
-        os.close(fd)
-    return None
-
-
-def plugged_runs(mr: MemoryRegion) -> list[tuple[int, int]]:
-    """(offset, length) of the parts of ``mr`` that are not discarded (all of it without an rdm)."""
-    if mr.rdm is None:
-        return [(0, mr.block.used_length)]
-    offs, sizes = mr.rdm.populated_runs(Section(mr, 0, mr.block.used_length))
-    return [(int(o), int(s)) for o, s in zip(offs, sizes, strict=True)]
-
-
-class WriteTracking:
-    """The VM-process side of write tracking (QEMU's ``ram_write_tracking_*``)."""
-
-    def __init__(self, regions: list[MemoryRegion]):
-        self.regions = regions
-        blocks = [mr.block for mr in regions]
-        supported = uf.supported_features()
-        if not supported & uf.UFFD_FEATURE_PAGEFAULT_FLAG_WP:
-            raise SnapshotError(NOT_SUPPORTED)
-        self.features = _features_for(blocks, supported)
-        try:
-            self.fd = uf.open_uffd(self.features)
-        except OSError as e:
-            raise SnapshotError(f"{NOT_SUPPORTED} ({e.strerror})") from e
-        self.protect = uf.WriteProtector(self.fd)
-        self.unpopulated = bool(self.features & uf.UFFD_FEATURE_WP_UNPOPULATED)
-        self.registered: list[MemoryRegion] = []
-        self.protected_bytes = 0
-        self.populated_bytes = 0
-        self.protect_time = 0.0
-
-    def prepare(self) -> None:
-        """``ram_write_tracking_prepare``: populate-read plugged memory — never a hole.
-
-        memfd: only the data extents inside plugged ranges (reading a hole would allocate
-        it; holes are covered by write-protect markers). Anonymous memory: nothing with
-        ``WP_UNPOPULATED``, else the plugged ranges (reads map the shared zero page).
-        """
-        for mr in self.regions:
-            block = mr.block
-            if block.fd < 0 and self.unpopulated:
-                continue
-            for off, length in plugged_runs(mr):
-                ranges = block.data_extents(off, length) if block.fd >= 0 else [(off, off + length)]
-                for s, e in ranges:
-                    hostmem.madvise(block.host + s, e - s, hostmem.MADV_POPULATE_READ)
-                    self.populated_bytes += e - s
-
-    def start(self) -> None:
-        """``ram_write_tracking_start``: register every block, protect only plugged ranges."""
-        assert self.fd >= 0
-        t = time.monotonic()
-        try:
-            for mr in self.regions:
-                block = mr.block
-                ioctls = uf.register_wp(self.fd, block.host, block.max_length)
-                self.registered.append(mr)
-                if not ioctls & uf.IOCTL_WRITEPROTECT:
-                    raise SnapshotError(NOT_COMPATIBLE)
-                for off, length in plugged_runs(mr):
-                    self.protect(block.host + off, length, True)
-                    self.protected_bytes += length
-        except BaseException:
-            self.stop()
-            raise
-        self.protect_time = time.monotonic() - t
-
-    def stop(self) -> None:
-        """Unregister what this process registered (waking any waiter) and drop the fd."""
-        if self.fd < 0:
-            return
-        for mr in self.registered:
-            try:
-                uf.unregister(self.fd, mr.block.host, mr.block.max_length)
-            except OSError:
-                pass
-        self.registered.clear()
-        self.release()
-
-    def release(self) -> None:
-        """Close this process's descriptor; the kernel unregisters with the last one."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 # -- statistics shared between the VM process and the snapshot writer -----------------------------
