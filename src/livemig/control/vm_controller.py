@@ -23,7 +23,8 @@ from livemig.migration.incoming import IncomingMigration
 from livemig.migration.outgoing import OutgoingMigration
 from livemig.migration.params import Capabilities, MigrationConfigError, Parameters
 from livemig.migration.snapshot import BackgroundSnapshot, write_tracking_problem
-from livemig.migration.tls import TLSClient, TLSConfigError, TLSServer
+from livemig.migration.transport.tls import TLSClient, TLSServer
+from livemig.migration.transport.tls_errors import TLSConfigError
 
 log = logging.getLogger(__name__)
 

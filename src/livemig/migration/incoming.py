@@ -28,7 +28,8 @@ from livemig.migration.postcopy import POSTCOPY_COMMANDS, incoming_command
 from livemig.migration.prefault import Prefaulter
 from livemig.migration.qemu_file import QEMUFileReader, StreamError
 from livemig.migration.ram_load import RamLoader
-from livemig.migration.tls import TLSError, TLSServer
+from livemig.migration.transport.tls import TLSServer
+from livemig.migration.transport.tls_errors import TLSError
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from livemig.migration.params import Capabilities, Parameters
 from livemig.migration.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
 from livemig.migration.ram_save import TARGET_PAGE_SIZE, RamSaver
 from livemig.migration.sections import SectionTable
-from livemig.migration.tls import TLSClient
+from livemig.migration.transport.tls import TLSClient
 
 log = logging.getLogger(__name__)
 
