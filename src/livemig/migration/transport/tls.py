@@ -13,8 +13,8 @@ authentication:
   ``tls-authz`` lists names, one of the certificate's names (its CN or a DNS
   subjectAltName) must be listed.
 
-A refusal is a :class:`TLSError` whose ``check`` says which check failed (see
-:data:`CHECKS`) and whose message says it in words.
+A refusal is a :class:`~livemig.migration.transport.tls_errors.TLSError` whose ``check``
+says which check failed (see ``tls_errors.CHECKS``) and whose message says it in words.
 
 The record layer, :class:`~livemig.migration.transport.tls_channel.TLSChannel`, is in
 ``tls_channel``; the errors and their wording in ``tls_errors``. This module makes the
@@ -25,16 +25,35 @@ Hooks for other channels (see ``docs/security.md``): :class:`TLSClient` and
 ``channels.connect(uri, tls=client)`` / ``channels.Listener(uri, tls=server)`` wrap every
 connection they make or accept. :func:`wrap_client` / :func:`wrap_server` do the same for
 a single socket straight from the parameters.
+
+Deadline and cancel. :data:`HANDSHAKE_TIMEOUT` (10 s) bounds the *whole* handshake, every
+read and write of it together, so a peer that drips one byte at a time is cut off like a
+silent one (check ``timeout``). A handshake in progress can be ended from another thread:
+
+* give the client or server an abort event once per migration —
+  ``TLSClient.from_params(...).with_abort(mig_cancel_event)`` — and every handshake it
+  runs, on any channel, ends within :data:`ABORT_POLL` of the event being set with a
+  :class:`TLSError` of check ``cancelled``; one that starts after it was set ends at once;
+* or pass ``abort=event`` to one ``wrap()`` call;
+* a caller holding the raw socket may also ``shutdown()`` it: the handshake returns at
+  once, as ``cancelled`` if the abort event is set and as a closed connection otherwise.
+  Never ``close()`` a socket another thread is handshaking on.
+
+The migration's own cancel event is the natural abort: ``migrate_cancel`` sets it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import select
 import socket
 import ssl
 import stat
-from dataclasses import dataclass, field
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from livemig.migration.transport.tls_channel import TLSChannel, peer_names
@@ -47,6 +66,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CREDS_FILES",
+    "ABORT_POLL",
     "HANDSHAKE_TIMEOUT",
     "TLSClient",
     "TLSServer",
@@ -57,7 +77,8 @@ __all__ = [
 
 CREDS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
 CRL_FILE = "ca-crl.pem"
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # s for the whole handshake (read at each wrap: tests lower it)
+ABORT_POLL = 0.05  # s between looks at the abort event while a handshake waits on its peer
 
 
 def parse_authz(text: str) -> frozenset[str]:
@@ -121,6 +142,7 @@ class TLSClient:
     context: ssl.SSLContext
     hostname: str
     creds: str = ""
+    abort: threading.Event | None = field(default=None, compare=False)
 
     @classmethod
     def from_params(cls, params: Any, uri: MigrationURI) -> TLSClient | None:
@@ -146,12 +168,23 @@ class TLSClient:
         ctx.check_hostname = True
         return cls(ctx, hostname, creds)
 
-    def wrap(self, sock: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> TLSChannel:
-        """Handshake as the client on a connected socket; the socket is closed on failure."""
+    def with_abort(self, abort: threading.Event) -> TLSClient:
+        """The same client, whose handshakes end with check ``cancelled`` once ``abort`` is set."""
+        return replace(self, abort=abort)
+
+    def wrap(self, sock: socket.socket, timeout: float | None = None,
+             abort: threading.Event | None = None) -> TLSChannel:
+        """Handshake as the client on a connected socket; the socket is closed on failure.
+
+        ``timeout`` bounds the whole handshake (default :data:`HANDSHAKE_TIMEOUT`);
+        ``abort`` (default: the one given to :meth:`with_abort`) cuts it short when set.
+        """
         try:
+            abort = self.abort if abort is None else abort
+            hs = _Handshake(sock, server=False, timeout=timeout, abort=abort)
             obj, inc, out = _new_object(self.context, server=False, hostname=self.hostname)
-            _handshake(sock, obj, inc, out, server=False, hostname=self.hostname,
-                       timeout=timeout)
+            hs.run(obj, inc, out, self.hostname)
+            hs.finish()
             return TLSChannel(sock, obj, inc, out, server=False)
         except BaseException:
             sock.close()
@@ -165,6 +198,7 @@ class TLSServer:
     context: ssl.SSLContext
     authz: frozenset[str] = field(default_factory=frozenset)
     creds: str = ""
+    abort: threading.Event | None = field(default=None, compare=False)
 
     @classmethod
     def from_params(cls, params: Any, uri: MigrationURI | None = None) -> TLSServer | None:
@@ -184,15 +218,27 @@ class TLSServer:
         ctx = _base_context(ssl.PROTOCOL_TLS_SERVER, creds, "server-cert.pem", "server-key.pem",
                             "destination")
         # One ticket, held back until tls-authz accepted the client: its arrival tells the
-        # source that it was accepted (TLSChannel checks for it at end of data). Never used to resume.
+        # source that it was accepted (TLSChannel checks for it at end of data). Never used
+        # to resume.
         ctx.num_tickets = 1
         return cls(ctx, authz, creds)
 
-    def wrap(self, sock: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> TLSChannel:
-        """Handshake as the server on an accepted socket; the socket is closed on failure."""
+    def with_abort(self, abort: threading.Event) -> TLSServer:
+        """The same server, whose handshakes end with check ``cancelled`` once ``abort`` is set."""
+        return replace(self, abort=abort)
+
+    def wrap(self, sock: socket.socket, timeout: float | None = None,
+             abort: threading.Event | None = None) -> TLSChannel:
+        """Handshake as the server on an accepted socket; the socket is closed on failure.
+
+        ``timeout`` and ``abort`` as for :meth:`TLSClient.wrap`; the deadline covers the
+        session ticket sent after ``tls-authz`` accepted the source too.
+        """
         try:
+            abort = self.abort if abort is None else abort
+            hs = _Handshake(sock, server=True, timeout=timeout, abort=abort)
             obj, inc, out = _new_object(self.context, server=True, hostname=None)
-            held = _handshake(sock, obj, inc, out, server=True, hostname=None, timeout=timeout)
+            held = hs.run(obj, inc, out, None)
             names = peer_names(obj.getpeercert() or {})
             if self.authz and not names & self.authz:
                 # Just close: the ticket is never sent, and nothing can follow it (records
@@ -204,7 +250,8 @@ class TLSServer:
                     f"({', '.join(sorted(self.authz))})",
                 )
             if held:
-                sock.sendall(held)
+                hs.send(held)
+            hs.finish()
             return TLSChannel(sock, obj, inc, out, server=True)
         except BaseException:
             sock.close()
@@ -234,21 +281,27 @@ def _new_object(
     return obj, inc, out
 
 
-def _handshake(
-    sock: socket.socket,
-    obj: ssl.SSLObject,
-    inc: ssl.MemoryBIO,
-    out: ssl.MemoryBIO,
-    *,
-    server: bool,
-    hostname: str | None,
-    timeout: float,
-) -> bytes:
-    """Run the handshake over ``sock``; return bytes held back (the server's ticket)."""
-    peer = peer_role(server)
-    first = True
-    sock.settimeout(timeout)
-    try:
+class _Handshake:
+    """One handshake's socket I/O: every read and write of it under one deadline, and a
+    look at the abort event at least every :data:`ABORT_POLL` seconds while it waits.
+
+    The socket is non-blocking meanwhile, so no single read or write can outlast the
+    deadline; :meth:`finish` makes it blocking again for the channel.
+    """
+
+    def __init__(self, sock: socket.socket, *, server: bool, timeout: float | None,
+                 abort: threading.Event | None):
+        self.sock = sock
+        self.server = server
+        self.timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
+        self.deadline = time.monotonic() + self.timeout
+        self.abort = abort
+        sock.setblocking(False)
+
+    def run(self, obj: ssl.SSLObject, inc: ssl.MemoryBIO, out: ssl.MemoryBIO,
+            hostname: str | None) -> bytes:
+        """Handshake over the socket; return bytes held back (the server's ticket)."""
+        first = True
         while True:
             try:
                 obj.do_handshake()
@@ -258,33 +311,75 @@ def _handshake(
             except ssl.SSLError as e:
                 if out.pending:  # the alert that tells the peer why
                     try:
-                        sock.sendall(out.read())
+                        self.send(out.read())
                     except OSError:
                         pass
-                raise explain(e, server=server, hostname=hostname) from e
-            if done and server:
+                raise explain(e, server=self.server, hostname=hostname) from e
+            if done and self.server:
                 return out.read()
             if out.pending:
-                sock.sendall(out.read())
+                self.send(out.read())
             if done:
                 return b""
-            data = sock.recv(65536)
-            if not data:
-                raise _closed_during_handshake(server)
+            data = self._recv()
             if first:
-                _check_first_bytes(data, server)
+                _check_first_bytes(data, self.server)
                 first = False
             inc.write(data)
-    except TimeoutError as e:
-        raise TLSError("timeout", f"TLS: the {peer} did not complete the handshake within "
-                                  f"{timeout:g} s") from e
-    except (ConnectionResetError, BrokenPipeError) as e:
-        raise _closed_during_handshake(server) from e
-    finally:
-        try:
-            sock.settimeout(None)
-        except OSError:
-            pass
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            self._wait(select.POLLOUT)
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                continue
+            except (ConnectionResetError, BrokenPipeError) as e:
+                raise self._closed() from e
+
+    def _recv(self) -> bytes:
+        while True:
+            self._wait(select.POLLIN)
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError as e:
+                raise self._closed() from e
+            if not data:
+                raise self._closed()
+            return data
+
+    def _wait(self, events: int) -> None:
+        """Until the socket is ready for ``events``, within the deadline, unless aborted."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), events)
+        while True:
+            self._check_abort()
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                peer = peer_role(self.server)
+                raise TLSError("timeout", f"TLS: the {peer} did not complete the handshake "
+                                          f"within {self.timeout:g} s")
+            if self.abort is not None:
+                left = min(left, ABORT_POLL)
+            if poller.poll(math.ceil(left * 1000)):
+                self._check_abort()  # a shutdown() that goes with an abort wakes us: say so
+                return
+
+    def _check_abort(self) -> None:
+        if self.abort is not None and self.abort.is_set():
+            raise TLSError("cancelled", f"TLS: the handshake with the {peer_role(self.server)} "
+                                        "was cancelled")
+
+    def _closed(self) -> TLSError:
+        self._check_abort()
+        return _closed_during_handshake(self.server)
+
+    def finish(self) -> None:
+        """The handshake is over: the channel's socket blocks (callers set their own timeouts)."""
+        self.sock.settimeout(None)
 
 
 def _closed_during_handshake(server: bool) -> TLSError:

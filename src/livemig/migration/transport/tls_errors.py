@@ -22,7 +22,8 @@ CHECKS = {
     "no-certificate": "the source presented no client certificate",
     "peer-refused": "the peer refused our certificate or the handshake",
     "handshake": "another TLS handshake failure",
-    "timeout": "the handshake did not finish in time",
+    "timeout": "the whole handshake did not finish within tls.HANDSHAKE_TIMEOUT",
+    "cancelled": "the handshake was cut short by the abort event (migrate_cancel)",
     "version": "the peer does not offer TLS 1.3",
     "protocol": "a TLS error after the handshake",
 }
