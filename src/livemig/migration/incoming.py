@@ -69,13 +69,14 @@ class IncomingMigration:
         self.done = threading.Event()
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
-        self.tls = tls
+        # with TLS, cancel() also ends a handshake in progress (transport.tls)
+        self.tls = tls.with_abort(self._cancel) if tls is not None else None
         self.multifd: Any = None  # multifd.MultifdReceiver while the multifd capability is on
         self.postcopy: Any = None  # postcopy.PostcopyIncoming with postcopy-ram (see postcopy.py)
         if uri.scheme in ("tcp", "unix"):
             # bind now: a busy port is the caller's error; with tls, accept() hands out
             # TLS channels (the same for every connection of this migration)
-            self._listener = Listener(uri, tls=tls)
+            self._listener = Listener(uri, tls=self.tls)
             self.uri = self._listener.uri
 
     def start(self) -> None:

@@ -81,6 +81,8 @@ class OutgoingMigration:
         self.expected_downtime = 0
         self.bandwidth = 0.0  # bytes/s, measured over the last pass
         self._cancel = threading.Event()
+        if self.tls is not None:  # migrate_cancel cuts short a handshake in progress
+            self.tls = self.tls.with_abort(self._cancel)
         self._sock: socket.socket | None = None
         self._fd = -1
         self._w: QEMUFileWriter | None = None
