@@ -37,7 +37,6 @@ def peer_names(cert: dict[str, Any]) -> frozenset[str]:
     return frozenset(names)
 
 
-
 def _bytes_view(data: Any) -> memoryview:
     mv = data if isinstance(data, memoryview) else memoryview(data)
     if mv.format != "B" or mv.ndim != 1:
