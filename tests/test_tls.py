@@ -26,7 +26,7 @@ from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.migration.channels import Listener, MigrationURI, connect
-from livemig.migration.params import SUPPORTED_CAPABILITIES, Parameters
+from livemig.migration.core.params import SUPPORTED_CAPABILITIES, Parameters
 from livemig.migration.transport import tls
 from livemig.migration.transport.tls_channel import TLSChannel
 from livemig.migration.transport.tls_errors import TLSConfigError, TLSError
@@ -134,7 +134,7 @@ def test_parameters_are_set_and_queried_on_both_sides(creds: Creds, tmp_path: Pa
     assert q["tls-creds"] == creds.good and q["tls-hostname"] == "dst.example"
     assert q["tls-authz"] == "a, b" and q["x-file-overwrite"] is True
     assert tls.parse_authz(q["tls-authz"]) == {"a", "b"}
-    from livemig.migration.params import MigrationConfigError
+    from livemig.migration.core.params import MigrationConfigError
 
     with pytest.raises(MigrationConfigError, match="is not a directory"):
         p.set({"tls-creds": str(tmp_path / "missing")})
@@ -611,7 +611,7 @@ def _postcopy_missing() -> str | None:
     if "postcopy-ram" not in SUPPORTED_CAPABILITIES:
         return "postcopy has not landed"
     try:
-        from livemig.migration import postcopy_uffd
+        from livemig.migration.postcopy import placer as postcopy_uffd
     except ImportError:
         return "postcopy has not landed"
     return postcopy_uffd.available()
