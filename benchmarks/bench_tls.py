@@ -9,7 +9,7 @@
     TLSChannel (memory BIOs, safe for a reader and a writer thread at once), and Python's
     ssl.SSLSocket (which is not): what the thread-safe design costs.
 
-Credentials are a throw-away CA made at start (``livemig.migration.tls_certs``, needs the
+Credentials are a throw-away CA made at start (``livemig.migration.transport.tls_certs``, needs the
 ``cryptography`` package).
 
 Usage: python benchmarks/bench_tls.py [--size 2G] [--repeats 3] [--skip a,b]
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _vm import GiB, VmProcess, free_port  # noqa: E402
 
 from livemig.cli import parse_size  # noqa: E402
-from livemig.migration import tls_certs  # noqa: E402
+from livemig.migration.transport import tls_certs  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -105,7 +105,7 @@ def bench_migration(size: int, repeats: int, creds: str) -> dict:
 
 CHANNEL = r"""
 import socket, sys, time
-from livemig.migration import tls
+from livemig.migration.transport import tls
 mode, creds, size, role = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 def wrap(sock, server):
     if mode == "plain":

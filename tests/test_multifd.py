@@ -231,7 +231,7 @@ def test_channel_format_rejects_pages_outside_the_block() -> None:
 
 def test_multifd_over_tls(tmp_path: Path) -> None:
     """With tls-creds set, every channel is a TLS channel and the migration completes."""
-    tls_certs = pytest.importorskip("livemig.migration.tls_certs")
+    tls_certs = pytest.importorskip("livemig.migration.transport.tls_certs")
     creds = tls_certs.write_creds(tmp_path / "creds", tls_certs.make_ca())
     src, dst = machine(False, dirty_rate=0), machine(True, dirty_rate=0)
     try:

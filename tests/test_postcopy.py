@@ -352,7 +352,7 @@ def test_postcopy_recovers_after_a_failed_recovery_handshake(pair, paused_by: st
 def test_postcopy_over_tls_with_recovery(pair, tmp_path) -> None:  # noqa: ANN001
     """TLS on every connection, the first and the reconnected one (postcopy-preempt off:
     requests on the main return path, pages on the main stream)."""
-    from livemig.migration import tls_certs
+    from livemig.migration.transport import tls_certs
 
     src, dst = pair
     cs, cd, _ = setup_pair(src, dst, preempt=False)

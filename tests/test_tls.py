@@ -1,6 +1,6 @@
 """TLS migration channels (tls-creds, tls-hostname, tls-authz) and file: target safety.
 
-Certificates are made at test time (a throw-away CA, ``livemig.migration.tls_certs``).
+Certificates are made at test time (a throw-away CA, ``livemig.migration.transport.tls_certs``).
 Migrations run between two machines in this process over real loopback sockets.
 """
 
@@ -25,11 +25,13 @@ from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
-from livemig.migration import tls
 from livemig.migration.channels import Listener, MigrationURI, connect
 from livemig.migration.core.params import SUPPORTED_CAPABILITIES, Parameters
+from livemig.migration.transport import tls
+from livemig.migration.transport.tls_channel import TLSChannel
+from livemig.migration.transport.tls_errors import TLSConfigError, TLSError
 
-tls_certs = pytest.importorskip("livemig.migration.tls_certs")
+tls_certs = pytest.importorskip("livemig.migration.transport.tls_certs")
 
 MiB, GiB = 1 << 20, 1 << 30
 TIMEOUT = 30
@@ -161,16 +163,16 @@ def test_qmp_migrate_set_parameters_takes_the_tls_names(creds: Creds) -> None:
 def test_credential_problems_are_reported_before_the_migration_starts(creds: Creds, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(tls.TLSConfigError, match="client-cert.pem is missing"):
+    with pytest.raises(TLSConfigError, match="client-cert.pem is missing"):
         (empty / "ca-cert.pem").write_bytes(Path(creds.good, "ca-cert.pem").read_bytes())
         tls.TLSClient.from_creds(str(empty), "localhost")
-    with pytest.raises(tls.TLSConfigError, match="server-cert.pem is missing"):
+    with pytest.raises(TLSConfigError, match="server-cert.pem is missing"):
         tls.TLSServer.from_creds(str(empty))
     p = Parameters()
     p.set({"tls-creds": creds.good})
-    with pytest.raises(tls.TLSConfigError, match="needs tls-hostname"):
+    with pytest.raises(TLSConfigError, match="needs tls-hostname"):
         tls.TLSClient.from_params(p, MigrationURI("unix", path="/tmp/x"))
-    with pytest.raises(tls.TLSConfigError, match="not a network channel"):
+    with pytest.raises(TLSConfigError, match="not a network channel"):
         tls.TLSClient.from_params(p, MigrationURI("file", path="/tmp/x"))
     assert tls.TLSClient.from_params(p, MigrationURI("tcp", "127.0.0.1", 1)).hostname == "127.0.0.1"
     assert tls.TLSClient.from_params(Parameters(), MigrationURI("tcp", "h", 1)) is None
@@ -301,7 +303,7 @@ def test_refusal_check_names_on_the_wire_level(case: Refusal, creds: Creds) -> N
         server_p.set({"tls-creds": getattr(creds, case.dst), "tls-authz": case.authz})
     uri = MigrationURI("tcp", "127.0.0.1", 0)
     err, _ = wire(tls.TLSClient.from_params(client_p, uri), tls.TLSServer.from_params(server_p))
-    assert isinstance(err, tls.TLSError), err
+    assert isinstance(err, TLSError), err
     assert err.check == case.src_check
     assert case.src_says in str(err)
 
@@ -317,9 +319,9 @@ def test_expired_client_certificate_is_refused(creds: Creds, tmp_path: Path) -> 
     (d / "ca-cert.pem").write_bytes(creds.ca.pem)
     client_err, server_err = wire(tls.TLSClient.from_creds(str(d), "127.0.0.1"),
                                   tls.TLSServer.from_creds(creds.good))
-    assert isinstance(server_err, tls.TLSError) and server_err.check == "untrusted"
+    assert isinstance(server_err, TLSError) and server_err.check == "untrusted"
     assert "certificate has expired" in str(server_err)
-    assert isinstance(client_err, tls.TLSError) and client_err.check == "peer-refused"
+    assert isinstance(client_err, TLSError) and client_err.check == "peer-refused"
     assert "certificate expired" in str(client_err)
 
 
@@ -348,9 +350,9 @@ def test_revoked_client_certificate_is_refused(creds: Creds, tmp_path: Path) -> 
     (d / "ca-crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     client_err, server_err = wire(tls.TLSClient.from_creds(creds.good, "127.0.0.1"),
                                   tls.TLSServer.from_creds(str(d)))
-    assert isinstance(server_err, tls.TLSError) and server_err.check == "untrusted"
+    assert isinstance(server_err, TLSError) and server_err.check == "untrusted"
     assert "certificate revoked" in str(server_err)
-    assert isinstance(client_err, tls.TLSError) and "revoked" in str(client_err)
+    assert isinstance(client_err, TLSError) and "revoked" in str(client_err)
 
 
 def test_missing_client_certificate_is_refused(creds: Creds) -> None:
@@ -358,9 +360,9 @@ def test_missing_client_certificate_is_refused(creds: Creds) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cafile=str(Path(creds.good, "ca-cert.pem")))
     client_err, server_err = wire(tls.TLSClient(ctx, "127.0.0.1"), tls.TLSServer.from_creds(creds.good))
-    assert isinstance(server_err, tls.TLSError) and server_err.check == "no-certificate"
+    assert isinstance(server_err, TLSError) and server_err.check == "no-certificate"
     assert "presented no client certificate" in str(server_err)
-    assert isinstance(client_err, tls.TLSError) and client_err.check == "peer-refused"
+    assert isinstance(client_err, TLSError) and client_err.check == "peer-refused"
     assert "requires a client certificate" in str(client_err)
 
 
@@ -370,9 +372,9 @@ def test_tls12_peer_is_refused(creds: Creds) -> None:
     ctx.load_verify_locations(cafile=str(Path(creds.good, "ca-cert.pem")))
     ctx.load_cert_chain(str(Path(creds.good, "client-cert.pem")), str(Path(creds.good, "client-key.pem")))
     client_err, server_err = wire(tls.TLSClient(ctx, "127.0.0.1"), tls.TLSServer.from_creds(creds.good))
-    assert isinstance(server_err, tls.TLSError) and server_err.check == "version", server_err
+    assert isinstance(server_err, TLSError) and server_err.check == "version", server_err
     assert "does not offer TLS 1.3" in str(server_err)
-    assert isinstance(client_err, tls.TLSError) and client_err.check == "peer-refused", client_err
+    assert isinstance(client_err, TLSError) and client_err.check == "peer-refused", client_err
     assert "alert: protocol version" in str(client_err)
 
 
@@ -380,7 +382,7 @@ def test_handshake_timeout_is_a_refusal(creds: Creds) -> None:
     server = tls.TLSServer.from_creds(creds.good)
     a, b = socket.socketpair()
     try:
-        with pytest.raises(tls.TLSError, match="did not complete the handshake") as info:
+        with pytest.raises(TLSError, match="did not complete the handshake") as info:
             server.wrap(a, timeout=0.3)
         assert info.value.check == "timeout"
     finally:
@@ -499,16 +501,16 @@ def test_captured_traffic_holds_no_guest_page_under_tls(use_tls: bool, creds: Cr
 
 
 @pytest.fixture
-def channel_pair(creds: Creds) -> Iterator[tuple[tls.TLSChannel, tls.TLSChannel]]:
+def channel_pair(creds: Creds) -> Iterator[tuple[TLSChannel, TLSChannel]]:
     listener = Listener(MigrationURI("tcp", "127.0.0.1", 0), tls=tls.TLSServer.from_creds(creds.good))
-    accepted: list[tls.TLSChannel] = []
+    accepted: list[TLSChannel] = []
     t = threading.Thread(target=lambda: accepted.append(listener.accept(timeout=10)))
     t.start()
     client = connect(listener.uri, tls=tls.TLSClient.from_creds(creds.good, "127.0.0.1"))
     t.join(10)
     listener.close()
     server = accepted[0]
-    assert isinstance(client, tls.TLSChannel) and isinstance(server, tls.TLSChannel)
+    assert isinstance(client, TLSChannel) and isinstance(server, TLSChannel)
     try:
         yield client, server
     finally:
@@ -531,7 +533,7 @@ def test_one_reader_and_one_writer_per_end_at_once(channel_pair) -> None:  # noq
     payload = {end: os.urandom(1 << 20) for end in ("c", "s")}
     digests: dict[str, str] = {}
 
-    def writer(ch: tls.TLSChannel, key: str) -> None:
+    def writer(ch: TLSChannel, key: str) -> None:
         data = memoryview(payload[key])
         for i in range(size // len(data)):
             if i % 2:
@@ -539,7 +541,7 @@ def test_one_reader_and_one_writer_per_end_at_once(channel_pair) -> None:  # noq
             else:  # small and large buffers in one scatter-gather call
                 assert ch.sendmsg([data[:9], data[9:4096], data[4096:]]) == len(data)
 
-    def reader(ch: tls.TLSChannel, key: str) -> None:
+    def reader(ch: TLSChannel, key: str) -> None:
         h, got, buf = hashlib.sha256(), 0, bytearray(3 << 20)
         while got < size:
             n = ch.recv_into(buf, min(len(buf), size - got))
@@ -599,7 +601,7 @@ def test_cancel_unblocks_a_tls_writer(channel_pair) -> None:  # noqa: ANN001
     client.shutdown(socket.SHUT_RDWR)
     t.join(5)
     assert not t.is_alive() and time.monotonic() - start < 1.0
-    assert errors and not isinstance(errors[0], tls.TLSError)
+    assert errors and not isinstance(errors[0], TLSError)
 
 
 # -- postcopy ---------------------------------------------------------------------------------
@@ -646,8 +648,8 @@ def start_postcopy(cs: VMController, cd: VMController) -> None:
     cs.migrate_start_postcopy()  # type: ignore[attr-defined]
     wait_for(lambda: cs.query_migrate()["status"] == "postcopy-active"
              and cd.query_migrate()["status"] == "postcopy-active", what="postcopy-active")
-    assert isinstance(cs.outgoing._sock, tls.TLSChannel)  # type: ignore[union-attr]
-    assert isinstance(cd.incoming._sock, tls.TLSChannel)  # type: ignore[union-attr]
+    assert isinstance(cs.outgoing._sock, TLSChannel)  # type: ignore[union-attr]
+    assert isinstance(cd.incoming._sock, TLSChannel)  # type: ignore[union-attr]
 
 
 def finish_postcopy(src: Machine, dst: Machine, cs: VMController, cd: VMController) -> None:
@@ -689,7 +691,7 @@ def test_postcopy_recovery_over_tls_refuses_a_plaintext_reconnect(postcopy_pair)
     cd.migrate_recover("tcp:127.0.0.1:0")  # type: ignore[attr-defined]
     cs.migrate(str(cd.incoming.uri), resume=True)
     wait_for(lambda: cs.query_migrate()["status"] in ("postcopy-active", "completed"), what="resumed")
-    assert isinstance(cs.outgoing._sock, tls.TLSChannel)  # type: ignore[union-attr]
+    assert isinstance(cs.outgoing._sock, TLSChannel)  # type: ignore[union-attr]
     finish_postcopy(src, dst, cs, cd)
 
 

@@ -67,9 +67,10 @@ def _tune(sock: socket.socket) -> None:
 def connect(uri: MigrationURI, timeout: float = 10.0, tls: Any = None) -> socket.socket:
     """Open the outgoing side of a socket channel.
 
-    With ``tls`` (a :class:`livemig.migration.tls.TLSClient`) the connection is returned
-    as a :class:`~livemig.migration.tls.TLSChannel` after a verified handshake: every
-    channel of a migration (main, extra, reconnect) goes through here with the same one.
+    With ``tls`` (a :class:`livemig.migration.transport.tls.TLSClient`) the connection is
+    returned as a :class:`~livemig.migration.transport.tls_channel.TLSChannel` after a
+    verified handshake: every channel of a migration (main, extra, reconnect) goes through
+    here with the same one.
     """
     if uri.scheme == "tcp":
         sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
@@ -93,7 +94,7 @@ class Listener:
 
     def __init__(self, uri: MigrationURI, tls: Any = None):
         self.uri = uri
-        self.tls = tls  # livemig.migration.tls.TLSServer: accept() hands out TLS channels
+        self.tls = tls  # transport.tls.TLSServer: accept() hands out TLS channels
         if uri.scheme == "tcp":
             infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
             family, _, _, _, addr = infos[0]

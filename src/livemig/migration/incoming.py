@@ -42,7 +42,8 @@ from livemig.migration.stream.format import (
     SectionType,
 )
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
-from livemig.migration.tls import TLSError, TLSServer
+from livemig.migration.transport.tls import TLSServer
+from livemig.migration.transport.tls_errors import TLSError
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,11 @@ class IncomingMigration:
         self.caps = caps
         self.emit = emit
         self.autostart = autostart
-        self.tls = tls
         self.job = MigrationJob(
             "incoming migration", emit, events=lambda: bool(caps["events"]), cancelled_status=status.FAILED
         )
+        # with TLS, cancel() also ends a handshake in progress (transport.tls)
+        self.tls = tls.with_abort(self.job.cancel_requested) if tls is not None else None
         self.loader = RamLoader(vm.memory.blocks)
         self.sections: dict[str, StateSection] = {s.idstr: s for s in vm.state}
         self.load_ctx = LoadContext()  # what loading components are told (postcopy)
@@ -94,7 +96,7 @@ class IncomingMigration:
         if uri.scheme in ("tcp", "unix"):
             # bind now: a busy port is the caller's error; with tls, accept() hands out
             # TLS channels (the same for every connection of this migration)
-            self.listener = Listener(uri, tls=tls)
+            self.listener = Listener(uri, tls=self.tls)
             self.uri = self.listener.uri
 
     # -- public ----------------------------------------------------------------------------

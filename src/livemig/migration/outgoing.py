@@ -51,7 +51,7 @@ from livemig.migration.stream.format import RAM_IDSTR, RAM_VERSION, MigCommand, 
 from livemig.migration.stream.qemu_file import QEMUFileWriter, StreamError
 from livemig.migration.stream.return_channel import Handler, ReturnPathReader
 from livemig.migration.stream.sections import SectionTable
-from livemig.migration.tls import TLSClient
+from livemig.migration.transport.tls import TLSClient
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class OutgoingMigration:
         # channels.connect() for extra channels and reconnects too (docs/security.md)
         self.tls: TLSClient | None = TLSClient.from_params(params, uri)
         self.job = MigrationJob("migration", emit, events=lambda: bool(caps["events"]))
+        if self.tls is not None:  # migrate_cancel cuts short a handshake in progress
+            self.tls = self.tls.with_abort(self.job.cancel_requested)
         self.ram = RamState(vm.memory.regions, vm.dirty_log, clear_bitmap_shift=params.x_clear_bitmap_shift)
         self.sections = SectionTable(vm.state)
         self.guest = GuestControl(vm)

@@ -117,7 +117,7 @@ class Parameters:
     downtime_limit: int = 300  # ms
     x_clear_bitmap_shift: int = 18
     multifd_channels: int = 2  # extra connections for RAM pages when multifd is on
-    tls_creds: str = ""  # directory in QEMU's x509 layout; "" = no TLS (migration.tls)
+    tls_creds: str = ""  # directory in QEMU's x509 layout; "" = no TLS (migration.transport.tls)
     tls_hostname: str = ""  # name the destination's certificate must match; "" = URI host
     tls_authz: str = ""  # comma-separated client certificate names accepted; "" = any
     x_file_overwrite: bool = False  # a file: target may replace an existing regular file

@@ -31,7 +31,7 @@ try:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "livemig.migration.tls_certs needs the 'cryptography' package "
+        "livemig.migration.transport.tls_certs needs the 'cryptography' package "
         "(pip install 'livemig[test]')"
     ) from _e
 
