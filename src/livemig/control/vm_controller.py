@@ -23,14 +23,9 @@ from livemig.migration.core.params import Capabilities, MigrationConfigError, Pa
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.modes import incoming_migration, outgoing_migration
 from livemig.migration.outgoing import OutgoingMigration
-<<<<<<< HEAD
 from livemig.migration.snapshot.tracking import write_tracking_problem
-from livemig.migration.tls import TLSClient, TLSConfigError, TLSServer
-=======
-from livemig.migration.snapshot.snapshot import BackgroundSnapshot, write_tracking_problem
 from livemig.migration.transport.tls import TLSClient, TLSServer
 from livemig.migration.transport.tls_errors import TLSConfigError
->>>>>>> tls-split
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from livemig.migration.incoming import IncomingMigration
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
 from livemig.migration.outgoing import OutgoingMigration
-from livemig.migration.tls import TLSServer
+from livemig.migration.transport.tls import TLSServer
 
 
 def outgoing_migration(
