@@ -14,7 +14,7 @@ from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
-from livemig.migration.ram.save import RamSaver
+from livemig.migration.ram.state import RamState
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -121,7 +121,7 @@ def test_discarded_ranges_leave_the_dirty_log_after_the_first_sync() -> None:
         m.accel.write(plugged_gpa, b"\x66" * 4096)
         page = (unplugged_gpa - mr.addr) // 4096
         assert log.peek(mr.block).test(page)
-        saver = RamSaver(m.memory.regions, log)
+        saver = RamState(m.memory.regions, log)
         saver.init_bitmaps(start_log=False)  # sync first, then clear discarded
         discarded = Bitmap(mr.block.pages)
         offs, sizes = vmem.discarded_runs(Section(mr, 0, mr.size))
