@@ -25,6 +25,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from livemig.devices.state import LoadContext, StateSection
 from livemig.migration.channels import Listener, MigrationURI, open_file_for_read
 from livemig.migration.core import status
@@ -33,6 +35,7 @@ from livemig.migration.core.params import KNOWN_CAPABILITIES, Capabilities
 from livemig.migration.core.vm import MigratableVM
 from livemig.migration.ram.load import RamLoader
 from livemig.migration.ram.prefault import Prefaulter
+from livemig.migration.ram.state import TARGET_PAGE_BITS
 from livemig.migration.stream import savevm
 from livemig.migration.stream.format import (
     RAM_IDSTR,
@@ -172,6 +175,7 @@ class IncomingMigration:
             self.multifd.finish()
         prefault.stop()
         prefault.release_unused(self.loader.maybe_data)
+        self.audit_unplugged()
         self.send_shut(0)
         self.vm.start_incoming_guest()
         if self.autostart:
@@ -212,6 +216,18 @@ class IncomingMigration:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def audit_unplugged(self) -> None:
+        """Count the pages of unplugged memory that got a record or a channel run: the
+        load's own evidence that the source sent nothing there (must be 0)."""
+        n = 0
+        for mr in self.vm.memory.regions:
+            if mr.rdm is None:
+                continue
+            offs, sizes = mr.rdm.discarded_runs(mr.whole())
+            starts = np.asarray(offs, np.int64) >> TARGET_PAGE_BITS
+            n += self.loader.received_in(mr.block, starts, np.asarray(sizes, np.int64) >> TARGET_PAGE_BITS)
+        self.load_ctx.report("unplugged-pages-received", n)
 
     def send_rp(self, data: bytes) -> None:
         """One return-path message (raises if the path is closed)."""
@@ -378,6 +394,7 @@ class IncomingMigration:
                 "duplicate": ld.zero_records,
                 "normal-bytes": ld.bytes_loaded,
                 "page-size": 4096,
+                **self.load_ctx.figures,  # audits of the load (unplugged-*)
             }
             if self.postcopy is not None and self.postcopy.state:
                 out["ram"].update(self.postcopy.info())
