@@ -36,6 +36,7 @@ from livemig.migration.core.vm import MigratableVM
 from livemig.migration.ram.load import RamLoader
 from livemig.migration.ram.prefault import Prefaulter
 from livemig.migration.ram.state import TARGET_PAGE_BITS
+from livemig.migration.stream import return_path as rp
 from livemig.migration.stream import savevm
 from livemig.migration.stream.format import (
     RAM_IDSTR,
@@ -90,6 +91,7 @@ class IncomingMigration:
         self.fd = -1
         self.rp_lock = threading.Lock()  # one writer of the return path at a time
         self.rp_open = False
+        self.source_is_livemig = False  # from the configuration: X_FAILURE is understood
         self.multifd: Any = None  # multifd.MultifdReceiver while the multifd capability is on
         self.postcopy: Any = None  # postcopy.PostcopyIncoming with postcopy-ram
         # the modes, chosen by migration.modes: multifd accepts the main connection among
@@ -117,7 +119,7 @@ class IncomingMigration:
 
     def start(self) -> None:
         self.job.on_cleanup("listener", self.close_listener)
-        self.job.start(self._body, self._recover, "migration-dst", self._explain)
+        self.job.start(self._body, self._recover, "migration-dst", self._explain_and_tell)
 
     def cancel(self) -> None:
         self.job.cancel_requested.set()
@@ -185,6 +187,16 @@ class IncomingMigration:
 
     def _recover(self, final: str) -> None:
         self.send_shut(1)
+
+    def _explain_and_tell(self, e: BaseException) -> str:
+        """``error-desc``, also told to a livemig source before SHUT 1 (it shows it)."""
+        desc = self._explain(e)
+        if self.rp_open and self.source_is_livemig:
+            try:
+                self.send_rp(rp.failure(desc))
+            except (OSError, StreamError):
+                pass
+        return desc
 
     def _explain(self, e: BaseException) -> str:
         if self.multifd is not None and self.multifd.error:
@@ -348,6 +360,7 @@ class IncomingMigration:
     def _check_configuration(self, r: QEMUFileReader, at: int) -> None:
         cfg = savevm.read_configuration(r)
         name = cfg["machine"]
+        self.source_is_livemig = name.startswith("livemig-")
         ours = self.vm.machine_type
         if name != ours:
             raise StreamError(at, f"Machine type received is '{name}' and local is '{ours}'")

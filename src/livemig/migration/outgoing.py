@@ -165,7 +165,8 @@ class OutgoingMigration:
             if rp.error is not None:
                 raise StreamError(0, f"return path: {rp.error}")
             if rp.failed:
-                raise StreamError(0, "destination reported a failed migration")
+                raise StreamError(0, f"destination reported a failed migration: {rp.reason}"
+                                  if rp.reason else "destination reported a failed migration")
 
     # -- the migration thread --------------------------------------------------------------
     def _body(self) -> None:
@@ -192,6 +193,8 @@ class OutgoingMigration:
         if rp is not None and isinstance(e, OSError):
             rp.done.wait(1.0)
         if rp is not None and rp.failed:
+            if rp.reason:
+                return f"destination reported a failed migration: {rp.reason}"
             return f"destination reported a failed migration ({describe(e)})"
         return describe(e)
 

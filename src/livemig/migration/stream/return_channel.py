@@ -36,6 +36,7 @@ class ReturnPathReader:
         self.on_lost = on_lost  # called once if the path is lost before a verdict
         self.quiet = quiet  # a loss that is expected (cancel) is not an error
         self.result: int | None = None  # SHUT's value
+        self.reason: str | None = None  # why the destination failed (X_FAILURE), if it said
         self.error: str | None = None
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-rp", daemon=True)
@@ -64,6 +65,9 @@ class ReturnPathReader:
                 if kind == RPMessage.SHUT:
                     self.result = rp.parse_shut(payload)
                     return
+                if kind == RPMessage.X_FAILURE:
+                    self.reason = rp.parse_failure(payload)
+                    continue
                 if self.handle is not None and self.handle(kind, payload, r):
                     continue
                 self.error = f"unexpected return-path message {kind}"
