@@ -244,7 +244,7 @@ class OutgoingMigration:
                 pass
         self.shutdown_channel()
         if self.rp is not None:
-            self.rp.join(5)
+            self.rp.join()
         if self.sock is not None:
             self.sock.close()
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from livemig.migration.core.job import describe
+from livemig.migration.core.threads import join_for_good
 from livemig.migration.stream import return_path as rp
 from livemig.migration.stream.format import RPMessage
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
@@ -45,9 +46,9 @@ class ReturnPathReader:
         self._thread.start()
         return self
 
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+    def join(self) -> None:
+        """Wait for the reader to end (the caller shut its socket down first)."""
+        join_for_good(self._thread)
 
     @property
     def alive(self) -> bool:
