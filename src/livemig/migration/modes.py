@@ -12,6 +12,9 @@ from livemig.migration.channels import MigrationURI
 from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, Parameters
 from livemig.migration.core.vm import MigratableVM
+from livemig.migration.cpr.channels import CprError
+from livemig.migration.cpr.incoming import CprReceiver, cpr_incoming
+from livemig.migration.cpr.source import cpr_outgoing
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
@@ -25,8 +28,17 @@ def outgoing_migration(
     caps: Capabilities,
     params: Parameters,
     emit: status.EventFn = status.no_events,
+    cpr: MigrationURI | None = None,
 ) -> OutgoingMigration:
-    """An outgoing migration (not started) for the capabilities as they are now."""
+    """An outgoing migration (not started) for the capabilities as they are now.
+
+    ``cpr``: the ``cpr`` channel of a ``channels`` list (mode ``cpr-transfer`` only).
+    Raises ``ValueError`` (a :class:`CprError`, ...) for a combination that cannot work.
+    """
+    if params.mode == "cpr-transfer":
+        return cpr_outgoing(vm, uri, cpr, caps, params, emit)
+    if cpr is not None:
+        raise CprError("a 'cpr' channel needs the migration mode cpr-transfer")
     if caps["background-snapshot"]:
         from livemig.migration.snapshot.snapshot import BackgroundSnapshot  # TEMP until ported
 
@@ -48,9 +60,17 @@ def incoming_migration(
     emit: status.EventFn = status.no_events,
     autostart: bool = True,
     tls: TLSServer | None = None,
+    params: Parameters | None = None,
+    cpr: CprReceiver | None = None,
 ) -> IncomingMigration:
     """An incoming migration (not started). Its modes follow the capabilities as they
-    are when the source connects (QEMU's destination reads them then too)."""
+    are when the source connects (QEMU's destination reads them then too).
+
+    ``cpr``: this process was started as a cpr-transfer destination and holds the old
+    process's memory (:mod:`livemig.migration.cpr.incoming`).
+    """
+    if cpr is not None:
+        return cpr_incoming(vm, uri, caps, cpr, emit, autostart, tls)
 
     def channels(inc: IncomingMigration) -> object:
         return MultifdReceiver.attach(inc) if caps["multifd"] else None

@@ -41,6 +41,14 @@ KNOWN_CAPABILITIES = (
 )
 SUPPORTED_CAPABILITIES = ("events", "return-path", "multifd", "zero-copy-send", "background-snapshot")
 SUPPORTED_CAPABILITIES += ("postcopy-ram", "postcopy-blocktime", "postcopy-preempt")
+SUPPORTED_CAPABILITIES += ("mapped-ram",)
+STREAM_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
+"""Capabilities that change the stream format: the configuration section names the ones
+that are on, and the destination must have the same ones on."""
+
+# QEMU's MigMode values; livemig implements normal and cpr-transfer (migration/cpr/)
+KNOWN_MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
+SUPPORTED_MODES = ("normal", "cpr-transfer")
 
 
 class MigrationConfigError(ValueError):
@@ -105,6 +113,8 @@ class Capabilities:
             raise MigrationConfigError("postcopy-ram together with multifd is not supported by livemig")
         if staged["background-snapshot"]:
             check_background_snapshot(staged, self.write_tracking)
+        if staged["mapped-ram"] and staged["xbzrle"]:
+            raise MigrationConfigError("Mapped-ram migration is incompatible with xbzrle")
         self.enabled = staged
 
     def query(self) -> list[dict[str, Any]]:
@@ -122,12 +132,16 @@ class Parameters:
     tls_authz: str = ""  # comma-separated client certificate names accepted; "" = any
     x_file_overwrite: bool = False  # a file: target may replace an existing regular file
     max_postcopy_bandwidth: int = 0  # bytes/s of the background push in postcopy; 0 = unlimited
+    mode: str = "normal"  # QEMU's MigMode: normal or cpr-transfer (migration/cpr/)
+    direct_io: bool = False  # O_DIRECT for the page data of mapped-ram files
 
     _OTHER_FIELDS: ClassVar[dict[str, tuple[str, type]]] = {
         "tls-creds": ("tls_creds", str),
         "tls-hostname": ("tls_hostname", str),
         "tls-authz": ("tls_authz", str),
         "x-file-overwrite": ("x_file_overwrite", bool),
+        "mode": ("mode", str),
+        "direct-io": ("direct_io", bool),
     }
 
     _FIELDS: ClassVar[dict[str, tuple[str, int, int]]] = {
@@ -148,6 +162,10 @@ class Parameters:
                     raise MigrationConfigError(f"Invalid parameter type for '{key}', expected: {expected}")
                 if key == "tls-creds" and value and not os.path.isdir(value):
                     raise MigrationConfigError(f"Parameter 'tls-creds': {value} is not a directory")
+                if key == "mode" and value not in KNOWN_MODES:
+                    raise MigrationConfigError(f"Parameter 'mode' does not accept value '{value}'")
+                if key == "mode" and value not in SUPPORTED_MODES:
+                    raise MigrationConfigError(f"Migration mode '{value}' is not supported by livemig")
                 staged[attr] = value
                 continue
             if key not in self._FIELDS:

@@ -21,7 +21,7 @@ unknown or unsupported flag, a zero fill byte, no truncated record; each problem
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,12 +54,22 @@ _ZERO_C = int(RamFlag.ZERO | RamFlag.CONTINUE)
 # -- encoding -------------------------------------------------------------------------------
 
 
-def write_block_list(w: QEMUFileWriter, blocks: list[RAMBlock]) -> None:
-    """The set-up payload: MEM_SIZE with every block's name and used length, then EOS."""
+def write_block_list(
+    w: QEMUFileWriter,
+    blocks: list[RAMBlock],
+    after_block: Callable[[QEMUFileWriter, RAMBlock], None] | None = None,
+) -> None:
+    """The set-up payload: MEM_SIZE with every block's name and used length, then EOS.
+
+    ``after_block(w, block)`` writes what a capability adds to each entry (mapped-ram's
+    header and the block's place in the file).
+    """
     w.put_be64(sum(b.used_length for b in blocks) | RamFlag.MEM_SIZE)
     for b in blocks:
         w.put_counted_string(b.idstr.encode())
         w.put_be64(b.used_length)
+        if after_block is not None:
+            after_block(w, b)
     w.put_be64(RamFlag.EOS)
 
 
@@ -184,11 +194,14 @@ class RecordConsumer(Protocol):
     def flush(self, at: int) -> None: ...
 
 
-def read_block_list(r: QEMUFileReader) -> tuple[int, list[tuple[int, str, int]], int]:
+def read_block_list(
+    r: QEMUFileReader, after_entry: Callable[[QEMUFileReader, int, str, int], None] | None = None
+) -> tuple[int, list[tuple[int, str, int]], int]:
     """The MEM_SIZE set-up record and its block list (EOS not read yet).
 
     Returns ``(total, [(offset, name, length)], offset after the list)``: entries are read
     until their lengths reach ``total``; whether they match a VM is the caller's check.
+    ``after_entry(r, offset, name, length)`` reads what a capability adds to each entry.
     """
     at = r.tell()
     hdr = r.get_be64()
@@ -205,6 +218,8 @@ def read_block_list(r: QEMUFileReader) -> tuple[int, list[tuple[int, str, int]],
         if length == 0:
             raise StreamError(at, f"RAM block \"{name}\" listed with length 0")
         entries.append((at, name, length))
+        if after_entry is not None:
+            after_entry(r, at, name, length)
         remaining -= length
     return total, entries, r.tell()
 

@@ -57,6 +57,12 @@ class RamLoader:
         # is in); None without multifd
         self.on_section: Callable[[], None] | None = None
         self.on_flush: Callable[[int], None] | None = None
+        # what a capability adds to each entry of the block list (mapped-ram: the block's
+        # place in the file, whose pages it loads there); None: nothing
+        self.block_extra: Callable[[QEMUFileReader, int, str, int], None] | None = None
+        # blocks whose memory is not migrated (cpr-transfer hands it over): a record for
+        # one of them is an error, as in QEMU
+        self.ignored: frozenset[str] = frozenset()
         self.pages_loaded = 0
         self.zero_records = 0
         self.zero_pages_written = 0
@@ -65,7 +71,7 @@ class RamLoader:
     # -- set-up ----------------------------------------------------------------------------
     def load_setup(self, r: QEMUFileReader) -> None:
         """MEM_SIZE block list: every block must exist here with the same length."""
-        total, entries, end_at = read_block_list(r)
+        total, entries, end_at = read_block_list(r, self.block_extra)
         seen: set[str] = set()
         for at, name, length in entries:
             block = self.blocks.get(name)
@@ -95,8 +101,13 @@ class RamLoader:
         self.decoder.read_section(r, self)
 
     # -- RecordConsumer --------------------------------------------------------------------
+    def _check_migrated(self, name: str, at: int) -> None:
+        if name in self.ignored:
+            raise StreamError(at, f"block {name} should not be migrated !")
+
     def pages(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray, at: int) -> None:
         name = block.idstr
+        self._check_migrated(name, at)
         if self.prefault is not None:  # let other cores populate what comes next
             self.prefault.data_arrived(
                 name, int(pages[0]) << TARGET_PAGE_BITS, (int(pages[-1]) + 1) << TARGET_PAGE_BITS
@@ -114,6 +125,7 @@ class RamLoader:
     def zeros(self, block: RAMBlock, pages: np.ndarray, at: int) -> None:
         """Make pages zero without populating memory that is zero already."""
         name = block.idstr
+        self._check_migrated(name, at)
         with self.lock:
             self.zero_records += len(pages)
             self.received[name].set_indices(pages)
