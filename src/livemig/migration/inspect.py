@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from livemig.memory.bitmap import Bitmap, words_for
+from livemig.migration.mapped_ram.layout import scan_block
 from livemig.migration.stream.format import (
     DEFAULT_TARGET_PAGE_SIZE,
     RAM_FLAG_REMOVED_COMPRESS_PAGE,
@@ -628,6 +629,7 @@ class _RamScanner:
         self.hit_total = 0
         self.postcopy_advised = False
         self.ignore_shared = False
+        self.mapped_ram = False  # each block-list entry has a mapped-ram header (pages in the file)
         self.mem_size_seen = False
         self.set_page_size(report.page_size)
 
@@ -681,6 +683,10 @@ class _RamScanner:
                         block.page_size = v
             if self.ignore_shared:
                 block.addr = r.get_be64()
+            if self.mapped_ram:  # no page records: the bitmap says which pages are in the file
+                present = scan_block(r, name, length)[1]
+                block.normal = present.count()
+                block.touched.words = present.words.copy()
             self.blocks[name] = block
             remaining -= length
 
@@ -1269,10 +1275,7 @@ class _Walker:
         conf = read_configuration(r)
         rep.configuration = conf
         caps = conf.get("capabilities") or []
-        if "mapped-ram" in caps:
-            raise _Stop(
-                hdr.offset, "mapped-ram streams (pages at fixed file offsets) are not supported"
-            )
+        self.ram.mapped_ram = "mapped-ram" in caps
         self.ram.ignore_shared = "x-ignore-shared" in caps
         bits = conf.get("target_page_bits")
         if bits is not None:

@@ -16,6 +16,9 @@ from livemig.migration.cpr.channels import CprError
 from livemig.migration.cpr.incoming import CprReceiver, cpr_incoming
 from livemig.migration.cpr.source import cpr_outgoing
 from livemig.migration.incoming import IncomingMigration
+from livemig.migration.mapped_ram.layout import MappedRamConfigError
+from livemig.migration.mapped_ram.load import MappedRamLoader
+from livemig.migration.mapped_ram.save import MappedRamSaver, check_target
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
 from livemig.migration.outgoing import OutgoingMigration
@@ -39,6 +42,11 @@ def outgoing_migration(
         return cpr_outgoing(vm, uri, cpr, caps, params, emit)
     if cpr is not None:
         raise CprError("a 'cpr' channel needs the migration mode cpr-transfer")
+    if caps["mapped-ram"]:
+        check_target(uri, caps)
+        return OutgoingMigration(vm, uri, caps, params, emit, channels=MappedRamSaver.attach)
+    if params.direct_io:
+        raise MappedRamConfigError("direct-io needs the mapped-ram capability")
     if caps["background-snapshot"]:
         from livemig.migration.snapshot.snapshot import BackgroundSnapshot  # TEMP until ported
 
@@ -71,6 +79,15 @@ def incoming_migration(
     """
     if cpr is not None:
         return cpr_incoming(vm, uri, caps, cpr, emit, autostart, tls)
+    params = params if params is not None else Parameters()
+    if caps["mapped-ram"]:
+        if uri.scheme != "file":
+            raise MappedRamConfigError(f"mapped-ram needs a file: migration URI, not {uri.scheme}:")
+        inc = IncomingMigration(vm, uri, caps, emit, autostart, tls)
+        MappedRamLoader.attach(inc, params)
+        return inc
+    if params.direct_io:
+        raise MappedRamConfigError("direct-io needs the mapped-ram capability")
 
     def channels(inc: IncomingMigration) -> object:
         return MultifdReceiver.attach(inc) if caps["multifd"] else None
