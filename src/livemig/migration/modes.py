@@ -18,6 +18,7 @@ from livemig.migration.cpr.source import cpr_outgoing
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.mapped_ram.layout import MappedRamConfigError
 from livemig.migration.mapped_ram.load import MappedRamLoader
+from livemig.migration.mapped_ram.restore import InstantRestore
 from livemig.migration.mapped_ram.save import MappedRamSaver, check_target
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
@@ -84,7 +85,10 @@ def incoming_migration(
         if uri.scheme != "file":
             raise MappedRamConfigError(f"mapped-ram needs a file: migration URI, not {uri.scheme}:")
         inc = IncomingMigration(vm, uri, caps, emit, autostart, tls)
-        MappedRamLoader.attach(inc, params)
+        if caps["postcopy-ram"]:  # QEMU's fast snapshot load: the guest runs at once
+            InstantRestore.attach(inc)
+        else:
+            MappedRamLoader.attach(inc, params)
         return inc
     if params.direct_io:
         raise MappedRamConfigError("direct-io needs the mapped-ram capability")
