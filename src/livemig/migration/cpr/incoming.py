@@ -125,16 +125,18 @@ class GuestRunningNotice:
         self.vm.runstate_listeners.append(self._runstate)
 
     def _runstate(self, old: str, new: str) -> None:
-        """Called on the way to "running", before the vCPUs resume."""
-        if new != "running":
+        """On the way to "running" (before the vCPUs resume): tell the old process. On
+        "shutdown" before that: just close, so the old process takes the guest back."""
+        if new not in ("running", "shutdown"):
             return
         with self._lock:
             sock, self.sock = self.sock, None
         if sock is None:
             return
         try:
-            sock.sendall(rp.message(RPMessage.X_CPR_GUEST_RUNNING))
-            self.sent = True
+            if new == "running":
+                sock.sendall(rp.message(RPMessage.X_CPR_GUEST_RUNNING))
+                self.sent = True
         except OSError:
             pass  # the old process is gone: nobody to tell
         finally:
