@@ -207,9 +207,18 @@ class VMController(PostcopyCommands):
             self.incoming.start()
 
     def migrate_cancel(self) -> None:
+        """Cancel the outgoing migration; on a destination, the incoming one (whatever its
+        peer does: idle, dripping, gone), which then accepts a new ``migrate-incoming``."""
         self.check_cancel_allowed()
-        if self.outgoing is not None:
+        if self.outgoing is not None and self.outgoing.is_running():
             self.outgoing.cancel()
+            return
+        inc = self.incoming
+        if inc is not None and inc.job.running:
+            if inc.status in status.POSTCOPY:
+                raise QMPError("Postcopy migration cannot be cancelled (use migrate-pause and recover)")
+            inc.cancel()
+            inc.wait(30)
 
     def query_migrate(self) -> dict[str, Any]:
         if self.outgoing is not None:
