@@ -114,3 +114,42 @@ def test_qmp_cancel_frees_a_destination_nobody_connected_to(tmp_path: Path) -> N
     finally:
         src.close()
         dst.close()
+
+
+def test_a_destination_that_never_answers_the_switchover_fails_it_and_the_guest_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination takes the whole stream and then stalls (never sends its verdict):
+    the source gives up at its switchover deadline, the guest runs again with its memory."""
+    from livemig.migration import outgoing as outgoing_mod
+
+    monkeypatch.setattr(outgoing_mod, "COMPLETION_DEADLINE", 1.0)
+    src = machine(False, dirty_rate=0)
+    path = tmp_path / "stall.sock"
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(path))
+    lst.listen(1)
+    taken = [0]
+
+    def swallow() -> None:  # read everything, answer nothing
+        conn, _ = lst.accept()
+        while data := conn.recv(1 << 20):
+            taken[0] += len(data)
+        conn.close()
+
+    t = threading.Thread(target=swallow, daemon=True)
+    t.start()
+    try:
+        cs = VMController(src)
+        boot(src, 32 * MiB)
+        before = src.checksum()
+        cs.migrate(f"unix:{path}")
+        assert cs.outgoing.wait(15), "the source waited for the stalled destination"
+        info = cs.query_migrate()
+        assert info["status"] == "failed", info
+        assert "the switchover did not finish within 1 s" in info["error-desc"], info
+        assert src.runstate == "running" and src.checksum() == before
+        assert taken[0] > 0
+    finally:
+        lst.close()
+        src.close()
