@@ -410,6 +410,41 @@ def test_halted_guest_migrates_halted_and_reset_boots_it_again(tmp_path: Path, p
     assert events[-1] == ("RESET", {"guest": True, "reason": "guest-reset"})
 
 
+def test_triple_fault_resets_and_memory_survives(tmp_path: Path, pair: list[Machine]) -> None:
+    m = machine(tmp_path, "m", boot_sector=str(build("boot_reset", "boot")))
+    pair.append(m)
+    events: list[tuple[str, dict]] = []
+    m.event_listeners.append(lambda e, d: events.append((e, d)))
+    m.start()
+    wait_for(lambda: serial(tmp_path, "m") == "boot 1\r\nboot 2\r\n", what="two boots")
+    assert events == [("RESET", {"guest": True, "reason": "guest-reset"})]
+    assert m.runstate == "running" and m.accel.read(0x600, 2) == b"\x02\x00"
+
+
+def test_an_exit_nothing_can_handle_stops_the_vm(tmp_path: Path, pair: list[Machine]) -> None:
+    """Code fetched from where there is no RAM: run state internal-error (STOP), ``cont``
+    refused, ``system_reset`` and ``cont`` start the guest again."""
+    from livemig.control.qmp_server import QMPError
+
+    m = machine(tmp_path, "m", kernel=str(build("mb_badjump", "elf")))
+    pair.append(m)
+    ctl = VMController(m)
+    states: list[str] = []
+    m.runstate_listeners.append(lambda old, new: states.append(new))
+    m.start()
+    wait_for(lambda: m.runstate == "internal-error", what="internal-error")
+    assert serial(tmp_path, "m") == "jumping\r\n"
+    with pytest.raises(RuntimeError, match="Resetting the Virtual Machine is required"):
+        ctl.cont()
+    ctl.system_reset()
+    assert m.runstate == "paused"
+    ctl.cont()
+    wait_for(lambda: m.runstate == "internal-error" and serial(tmp_path, "m").count("jumping") == 2, what="again")
+    assert states == ["running", "internal-error", "paused", "running", "internal-error"]
+    with pytest.raises(QMPError):
+        ctl.memsave(val=0, size=16, filename=str(tmp_path / "x"), cpu_index=3)
+
+
 def test_memsave_and_pmemsave_arguments(tmp_path: Path, pair: list[Machine], boot_sweep: str) -> None:
     from livemig.control.qmp_server import QMPError
 

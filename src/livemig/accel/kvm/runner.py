@@ -61,6 +61,7 @@ class VcpuRunner:
         self.all_exits = all_exits
         """``on_exit`` deals with every exit (MMIO, shutdown, errors): keep looping."""
         self._held = False
+        self._unparks = 0
         self.exits = 0
         self.last_exit: VcpuExit | None = None
         self.park_exit: VcpuExit | None = None  # the exit at which the runner last parked
@@ -131,7 +132,11 @@ class VcpuRunner:
             self._want_pause = False
             self._pause_pred = None
             self._cv.notify_all()
-            if not self._cv.wait_for(lambda: not self._parked or self._done, timeout):
+            left = self._unparks  # it may leave and park again (a hold) before we look
+            if not self._cv.wait_for(
+                lambda: not self._parked or self._done or self._unparks != left or self._held,
+                timeout,
+            ):
                 raise TimeoutError(f"vCPU {self.vcpu.id} did not resume within {timeout} s")
 
     def hold(self) -> None:
@@ -189,6 +194,7 @@ class VcpuRunner:
                             lambda: (not self._want_pause and not self._held) or self._stop
                         )
                         self._parked = False
+                        self._unparks += 1
                         self._cv.notify_all()
                     if self._stop:
                         return
