@@ -137,7 +137,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     ctl = VMController(machine, qmp, autostart=not args.paused)
     tls_params = {k: v for k, v in (("tls-creds", args.tls_creds), ("tls-authz", args.tls_authz)) if v}
     if tls_params:  # before --incoming starts listening
-        from livemig.migration.params import MigrationConfigError
+        from livemig.migration.core.params import MigrationConfigError
 
         try:
             ctl.params.set(tls_params)
