@@ -21,7 +21,7 @@ from livemig.devices.isa import DeviceConfigError, Port92, add_device, parse_dev
 from livemig.devices.serial import ISA_SERIAL_DESC, Serial16550
 from livemig.guest.boot_image import BootError, MemoryLayout, load_boot_sector
 from livemig.guest.multiboot import load_multiboot, memory_map
-from livemig.migration.qemu_file import bytes_reader
+from livemig.migration.stream.qemu_file import bytes_reader
 
 MiB = 1 << 20
 # QEMU 7.2, section "serial" v3 payloads (see the module docstring). The Fifo8's bytes

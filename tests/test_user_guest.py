@@ -44,7 +44,7 @@ from livemig.devices.chardev import parse_chardev  # noqa: E402
 from livemig.devices.isa import parse_device  # noqa: E402
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig  # noqa: E402
 from livemig.migration.inspect import check_discard, inspect_stream  # noqa: E402
-from livemig.migration.snapshot import BackgroundSnapshot  # noqa: E402
+from livemig.migration.snapshot.snapshot import BackgroundSnapshot  # noqa: E402
 
 MiB = 1 << 20
 PAGE = 4096
@@ -274,7 +274,7 @@ def test_state_is_saved_with_the_io_instruction_completed(
 def test_postcopy_of_a_multiboot_kernel(tmp_path: Path, pair: list[Machine], mb_sweep: str) -> None:
     """The destination is inspected while its pages are still coming: ``pmemsave`` faults
     them in through the postcopy handler, like the guest's own accesses afterwards."""
-    from livemig.migration import postcopy_uffd
+    from livemig.migration.postcopy import placer as postcopy_uffd
 
     if (why := postcopy_uffd.available()) is not None:
         pytest.skip(f"no userfaultfd ({why})")
@@ -332,7 +332,7 @@ class AtStop:
 def test_snapshot_and_restore_of_a_boot_sector(
     tmp_path: Path, pair: list[Machine], boot_sweep: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from livemig.migration import userfaultfd as uf
+    from livemig.memory import userfaultfd as uf
 
     if not uf.supported_features() & uf.UFFD_FEATURE_PAGEFAULT_FLAG_WP:
         pytest.skip("no userfaultfd write protection here")
