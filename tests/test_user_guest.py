@@ -295,7 +295,7 @@ def test_postcopy_of_a_multiboot_kernel(tmp_path: Path, pair: list[Machine], mb_
     wait_for(lambda: cs.outgoing.status == "active", what="active")
     cs.migrate_start_postcopy()
     wait_for(lambda: cd.incoming.status == "postcopy-active", what="postcopy-active")
-    assert dst.runstate == "paused"
+    wait_for(lambda: dst.runstate == "paused", what="the destination's vCPU set up, not running")
 
     regs = registers(cd)
     assert regs == registers(cs)
