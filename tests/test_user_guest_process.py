@@ -136,6 +136,48 @@ def test_x87_sse_and_segment_state_survive_a_migration(tmp_path: Path, procs: li
     conn.close()
 
 
+def test_serial_on_stdio(tmp_path: Path) -> None:
+    """``--serial stdio``: the guest's output on stdout, its input from stdin."""
+    kernel = str(build("mb_fpu", "elf"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livemig", "vm", "--accel", "kvm", "--memory", "64M",
+         "--qmp", f"unix:{tmp_path / 'q.sock'}", "--kernel", kernel, "--serial", "stdio", "--device", EXIT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        seen = b""
+        while b"counting" not in seen:
+            chunk = proc.stdout.read1(4096)
+            assert chunk, seen
+            seen += chunk
+        proc.stdin.write(b"c")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=60)
+        assert b"fpu-check: x87 sse segments ok" in seen + rest
+        assert proc.returncode == 65
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_unix_serial_waits_for_a_client(tmp_path: Path, procs: list[VmProcess]) -> None:
+    """``unix:PATH,server`` (QEMU's default wait=on): the guest starts once someone listens,
+    and the listener sees its first byte."""
+    halt = str(build("boot_halt", "boot"))
+    com1 = tmp_path / "com1.sock"
+    vm = VmProcess(tmp_path, "vm", "--boot-sector", halt, "--serial", f"unix:{com1},server")
+    procs.append(vm)
+    time.sleep(0.5)
+    assert vm.qmp.cmd("query-status")["status"] == "prelaunch"
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(str(com1))
+    assert read_until(conn, b"\r\n", timeout=20) == b"halted\r\n"
+    assert vm.qmp.cmd("query-status")["status"] == "running"
+    conn.close()
+
+
 def test_reset_stop_resume_and_quit_events(tmp_path: Path, procs: list[VmProcess]) -> None:
     halt = str(build("boot_halt", "boot"))
     out = tmp_path / "vm.out"
