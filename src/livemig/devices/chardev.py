@@ -8,7 +8,9 @@
                                terminal is put in no-echo, character-at-a-time mode; Ctrl-C
                                still reaches the process)
 ``unix:PATH,server[,wait=off]``  a listening unix socket, one client at a time: output to
-                               the client (dropped while none is connected), input from it.
+                               the client (dropped while none is connected, and what a
+                               client does not read in time: a stalled reader must not
+                               stall the guest, whose vCPU thread writes), input from it.
                                ``wait=on`` (the default, as QEMU's) holds the guest until a
                                client connects; ``nowait`` is ``wait=off``
 ``null``                       a port whose output goes nowhere
@@ -35,6 +37,8 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 Receiver = Callable[[bytes], None]
+SEND_TIMEOUT = 0.2
+"""Seconds a unix-socket client may take to make room for output before it is dropped."""
 USAGE = "file:PATH, stdio, unix:PATH,server[,wait=off], null or none"
 
 
@@ -197,6 +201,8 @@ class UnixServerBackend(Backend):
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._closed = False
+        self._warned = False
+        self.dropped = 0
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
@@ -221,12 +227,16 @@ class UnixServerBackend(Backend):
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            conn.settimeout(SEND_TIMEOUT)
             with self._lock:
                 self._client = conn
             self._connected.set()
             try:
                 while True:
-                    data = conn.recv(4096)
+                    try:
+                        data = conn.recv(4096)
+                    except TimeoutError:
+                        continue  # the send timeout applies to receiving too: keep reading
                     if not data:
                         break
                     self._deliver(data)
@@ -245,6 +255,11 @@ class UnixServerBackend(Backend):
                 return  # nobody listening: dropped, as QEMU does
             try:
                 conn.sendall(data)
+            except TimeoutError:
+                self.dropped += len(data)  # the client is not reading: drop, do not stall
+                if not self._warned:
+                    log.warning("serial %s: the client is not reading; output is dropped", self.spec)
+                    self._warned = True
             except OSError:
                 self._client = None
 

@@ -130,9 +130,10 @@ class Machine:
         self._lock = threading.RLock()
         self._started = False
         self.board: Board | None = None
+        self.boot: BootImage | None = None
         try:
-            self.boot = self._user_guest(config)
-            user = None if self.boot is None else UserCode(self.boot, self.board.bus, self)  # type: ignore[union-attr]
+            self.boot, self.board = self._user_guest(config)
+            user = None if self.board is None else UserCode(self.boot, self.board.bus, self)
             self.accel, self.workload = create_accel(
                 accel, self.memory, self.usable, config.workload, config.incoming, user
             )
@@ -150,8 +151,8 @@ class Machine:
             self.state.register(guest_state_section(self.workload, config.workload.vcpus))
         self.driver: VirtioMemDriver | None = None
 
-    def _user_guest(self, config: MachineConfig) -> BootImage | None:
-        """The user's boot image and devices (``--boot-sector``/``--kernel``), or None."""
+    def _user_guest(self, config: MachineConfig) -> tuple[Any, Board | None]:
+        """The user's boot image and devices (``--boot-sector``/``--kernel``), or Nones."""
         if not config.user_guest:
             if config.serial is not NULL_SERIAL or config.devices:
                 what = "--serial" if config.serial is not NULL_SERIAL else "--device"
@@ -160,12 +161,11 @@ class Machine:
                 )
             if config.append is not None:
                 raise ValueError("--append needs --kernel (it is the kernel's command line)")
-            return None
+            return None, None
         regions = () if self.vmem_mr is None else ((self.vmem_mr.addr, self.vmem_mr.size),)
         layout = MemoryLayout(config.memory, regions)
         boot = load_image(config.boot_sector, config.kernel, config.append, layout)
-        self.board = Board(config.serial, config.devices, self)
-        return boot
+        return boot, Board(config.serial, config.devices, self)
 
     def _close_parts(self) -> None:
         if self.board is not None:

@@ -4,7 +4,9 @@
 :class:`~livemig.accel.soft.SoftAccel` (``name``, ``dirty_log``, ``pause``/``resume``/
 ``shutdown``, ``write``/``read``, ``discarded_writes``, ``start_vcpus``), on top of
 :class:`~livemig.accel.kvm.vm.KvmVm`, one vCPU running the guest program
-(``guest_program``) and a :class:`~livemig.accel.kvm.runner.VcpuRunner`.
+(``guest_program``) or the user's code (a ``BootImage``: ``user_guest``) and a
+:class:`~livemig.accel.kvm.runner.VcpuRunner`. Either way the vCPU gets a CPUID and its
+whole state travels in section ``livemig-kvm-cpu`` (``cpu_state``).
 
 Memory layout. The guest program runs in 32-bit protected mode without paging, so the
 guest reaches only guest-physical addresses below 4 GiB. Base RAM sits at 0 (it holds the
@@ -372,8 +374,10 @@ class KvmAccel:
     def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
         """Park the vCPU thread; afterwards no guest write is in flight.
 
-        The kick brings a vCPU inside ``KVM_RUN`` back at its next yield exit; ``interrupt``
-        cuts short an agent sleeping between passes, so parking does not wait out a throttle.
+        The kick brings a vCPU inside ``KVM_RUN`` back at its next yield exit (the guest
+        program), or at once with the kick signal (the user's code, which need not exit);
+        ``interrupt`` cuts short an agent sleeping between passes, so parking does not wait
+        out a throttle.
         """
         with self._lock:
             r = self._live_runner()
