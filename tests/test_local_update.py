@@ -259,6 +259,7 @@ def test_old_process_keeps_a_paused_guest_paused(tmp_path: Path) -> None:
         assert cs.outgoing.wait(30) and cd.incoming.wait(30)
         assert cd.query_migrate()["status"] == "completed"
         assert all(b.shared for b in dst.memory.blocks)
+        assert cd.incoming.loader.ignored == {"pc.ram", "vm0-memdev"}  # a page record would fail
         dst.close()  # ends without running the guest: unmaps, punches nothing
         handover = cs.outgoing.mode.handover
         assert handover.done.wait(10) and handover.state == "resumed"
@@ -320,3 +321,29 @@ def test_nobody_listening_on_the_cpr_channel_fails_and_the_guest_runs_on(tmp_pat
         assert src.runstate == "running"
     finally:
         src.close()
+
+
+def test_a_page_for_handed_over_memory_is_refused() -> None:
+    """The new process's loader takes no page for memory it was handed (QEMU: ignored
+    blocks), so a source that sent one would be caught, not obeyed."""
+    import numpy as np
+
+    from livemig.memory.ram_block import RAMBlock
+    from livemig.migration.ram.codec import RecordEncoder
+    from livemig.migration.ram.load import RamLoader
+    from livemig.migration.ram.state import RamStats
+    from livemig.migration.stream.qemu_file import BytesWriter, StreamError, bytes_reader
+
+    block = RAMBlock("pc.ram", 2 * MiB)
+    try:
+        w = BytesWriter()
+        enc = RecordEncoder(RamStats())
+        enc.put_pages(w, block, np.array([3]), np.full((1, 4096), 7, np.uint8))
+        enc.put_eos(w)
+        loader = RamLoader([block])
+        loader.ignored = frozenset({"pc.ram"})
+        with pytest.raises(StreamError, match="block pc.ram should not be migrated !"):
+            loader.load(bytes_reader(w.getvalue()))
+        assert not block.pages_array(0, 2 * MiB)[3].any()
+    finally:
+        block.close()

@@ -194,6 +194,9 @@ class VMController(PostcopyCommands, MachineCommands):
         with self._lock:
             if self.outgoing is not None and self.outgoing.is_running():
                 raise QMPError("There's a migration process in progress")
+            if self.incoming is not None and self.incoming.job.running:
+                # postcopy or an instant restore: pages still missing read as holes
+                raise QMPError("The incoming migration is still running: not all memory is here yet")
             if self.machine.runstate in ("inmigrate", "shutdown"):
                 raise QMPError(f"Cannot migrate a VM in state '{self.machine.runstate}'")
             try:
