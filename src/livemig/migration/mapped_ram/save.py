@@ -19,6 +19,7 @@ and the bitmaps written at their offsets; the main stream itself carries only fr
 
 from __future__ import annotations
 
+import errno
 import threading
 from typing import Any
 
@@ -160,10 +161,15 @@ class MappedRamSaver:
             st.holes_skipped += batch.holes
             st.pages_read += len(batch.read_idx)
             st.transferred += nbytes
-        # pages written earlier that are zero now: give their file blocks back
+        # pages written earlier that are zero now: give their file blocks back (their bit
+        # is clear: a file system that cannot punch holes only keeps the file larger)
         zs, zl = index_runs(was)
         for s, n in zip(zs.tolist(), zl.tolist(), strict=True):
-            hostmem.punch_hole(ch.fd, lay.page_offset(s), n << PAGE_SHIFT)
+            try:
+                hostmem.punch_hole(ch.fd, lay.page_offset(s), n << PAGE_SHIFT)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
 
     # -- what OutgoingMigration asks of its channels object --------------------------------------
     def bytes_sent(self) -> int:
