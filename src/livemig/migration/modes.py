@@ -16,6 +16,7 @@ from livemig.migration.incoming import IncomingMigration
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
 from livemig.migration.outgoing import OutgoingMigration
+from livemig.migration.snapshot.snapshot import BackgroundSnapshot
 from livemig.migration.transport.tls import TLSServer
 
 
@@ -28,8 +29,6 @@ def outgoing_migration(
 ) -> OutgoingMigration:
     """An outgoing migration (not started) for the capabilities as they are now."""
     if caps["background-snapshot"]:
-        from livemig.migration.snapshot.snapshot import BackgroundSnapshot  # TEMP until ported
-
         return OutgoingMigration(vm, uri, caps, params, emit, mode=BackgroundSnapshot)
     channels = MultifdSender.attach if caps["multifd"] else None
     if caps["postcopy-ram"]:
