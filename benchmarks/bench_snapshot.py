@@ -97,8 +97,9 @@ def bench_throughput(size: int, directory: Path, repeats: int) -> dict:
             os.sync()
             raws.append(raw_write(directory / f"bench-raw-{i}", snaps[-1]["bytes"]))
 
-        def med(runs: list[dict], key: str) -> float:
-            return statistics.median(r[key] for r in runs)
+        def med(runs: list[dict], key: str) -> float | None:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            return statistics.median(values) if values else None
 
         return {
             "plugged_bytes": size,
