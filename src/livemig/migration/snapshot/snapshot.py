@@ -18,11 +18,11 @@ log, no sync, discarded ranges cleared; early devices; ``active``); then :meth:`
 1. open a userfaultfd for write protection (:class:`~.tracking.WriteTracking`; bound to
    this process's memory, whoever holds it later);
 2. start the *snapshot writer*, a separate process (:mod:`.writer_process`: spawned, not
-   forked), and while it starts, populate-read plugged memory — never a hole of memfd
-   memory (:meth:`~.tracking.WriteTracking.prepare`);
-3. send it the set-up (:mod:`.setup_message`): the userfaultfd, the migration bitmap as
-   built here, the block layout and the memfds, the stream, the statistics page; wait
-   until its fault thread is ready;
+   forked), and send it the set-up (:mod:`.setup_message`): the userfaultfd, the
+   migration bitmap as built here, the block layout and the memfds, the stream, the
+   statistics page;
+3. while it starts, populate-read plugged memory — never a hole of memfd memory
+   (:meth:`~.tracking.WriteTracking.prepare`); then wait until its fault thread is ready;
 4. stop the guest; encode the device state into a buffer; register every block and
    write-protect the plugged ranges only; hand the buffer to the writer (``go``); close
    this process's userfaultfd (the writer now holds the only one); let the guest run;
@@ -100,8 +100,8 @@ class BackgroundSnapshot:
         stream_fd = self._stream_for_writer()
         self.writer = writer = WriterProcess()
         job.on_cleanup("snapshot writer", writer.close)
-        tracking.prepare()  # while the writer starts
-        self._set_up(writer, tracking, stream_fd)
+        self._set_up(writer, tracking, stream_fd)  # queued until the writer reads it
+        tracking.prepare()  # while the writer starts and sets itself up
         writer.wait_ready(job.cancel_requested)
         self._switch(writer, tracking)
         try:
@@ -123,6 +123,7 @@ class BackgroundSnapshot:
             self.tracking.stop()
         if self.relay is not None:
             self.relay.close()
+        self.stats.close_fd()  # failed before the set-up shared it
 
     # -- the steps -------------------------------------------------------------------------------
     def _stream_for_writer(self) -> int:
