@@ -79,7 +79,8 @@ class FaultServer:
         self._queue: list[SavedChunk] = []
         self._rows = _EMPTY_ROWS
         self._nrows = 0
-        self._spare = _EMPTY_ROWS
+        self._spare = _EMPTY_ROWS  # double buffering: faults fill one while the other is written
+        self._lent = _EMPTY_ROWS
         self._pending: list[int] = []  # fault addresses waiting for room in the queue
         by_host = sorted(ram.blocks, key=lambda b: b.block.host)
         self._blocks = by_host
@@ -102,22 +103,24 @@ class FaultServer:
             self.inflight = None
 
     def take_saved(self) -> tuple[list[SavedChunk], np.ndarray] | None:
-        """The queue so far and its rows; the fault thread goes on in a second buffer.
-        Hand the rows back with :meth:`give_back` once written."""
+        """The queue so far and its rows; the fault thread goes on in the other buffer.
+        :meth:`give_back` once the rows are written."""
         with self.lock:
             if not self._queue:
                 return None
             queue, rows = self._queue, self._rows[: self._nrows]
+            self._lent = self._rows
             self._queue, self._nrows, self.queued_pages = [], 0, 0
             self._rows, self._spare = self._spare, _EMPTY_ROWS
             self.drained.notify_all()
         return queue, rows
 
-    def give_back(self, rows: np.ndarray) -> None:
-        base = rows.base if isinstance(rows.base, np.ndarray) else rows
+    def give_back(self) -> None:
+        """The rows of :meth:`take_saved` were written: their buffer is the next spare."""
         with self.lock:
-            if len(base) > len(self._spare):
-                self._spare = base
+            if len(self._lent) > len(self._spare):
+                self._spare = self._lent
+            self._lent = _EMPTY_ROWS
 
     @property
     def busy(self) -> bool:

@@ -43,6 +43,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -130,7 +131,7 @@ class Writer:
                 uf.unregister(self.uffd, b.block.host, b.block.max_length)
             except OSError:
                 pass
-        self.send_section(SectionType.END, lambda: None)  # END ram: no page, EOS only
+        self.send_section(SectionType.END, lambda: True)  # END ram: no page, EOS only
         self.w.put_bytes(device_state)  # device sections, EOF, VMDESCRIPTION
         self.w.flush()
         self.publish()
@@ -158,11 +159,13 @@ class Writer:
             if done:  # faults still waiting for room in the queue
                 time.sleep(0.001)
 
-    def send_section(self, kind: SectionType, body: Any) -> bool:
+    def send_section(self, kind: SectionType, body: Callable[[], bool]) -> bool:
+        """One RAM section: ``body()`` sends batches (True: the walk is over), then the
+        pages saved on faults meanwhile, EOS."""
         w = self.w
         savevm.start_section(w, kind, self.ram_id)
         self.sink.start_section()
-        done = bool(body())
+        done = body()
         self.send_saved()
         self.sink.end_section()
         savevm.write_footer(w, self.ram_id)
@@ -214,7 +217,7 @@ class Writer:
                 np.take(rows, order[r : r + k], axis=0, out=slots, mode="clip")  # unbuffered
                 self.sink.put(batch_of_rows(b, idx[s : s + BATCH_PAGES], read, slots))
                 r += k
-        self.faults.give_back(rows)
+        self.faults.give_back()
 
     def publish(self) -> None:
         """Progress for query-migrate in the VM process."""
