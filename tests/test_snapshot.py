@@ -353,6 +353,7 @@ def test_snapshot_over_tls_goes_through_the_relay(tmp_path: Path, start_state: S
         cs.migrate(str(cd.incoming.uri))
         assert cs.outgoing.wait(60) and cs.outgoing.status == "completed", cs.query_migrate()
         assert snap(cs).relay is not None
+        assert not [t for t in threading.enumerate() if t.name == "snapshot-relay"]
         assert cd.incoming.wait(60) and cd.incoming.status == "completed", cd.query_migrate()
         assert cs.query_migrate()["ram"]["write-faults"] > 0
         assert dst.checksum() == start_state.checksum

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from livemig.migration.core.job import Cancelled
+from livemig.migration.core.threads import join_for_good
 from livemig.migration.snapshot import setup_message as msg
 from livemig.migration.snapshot.tracking import SnapshotError
 
@@ -216,9 +217,13 @@ class StreamRelay:
             raise self.error
 
     def close(self) -> None:
-        try:
-            self._here.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._thread.join(5)
+        """Stop the relay for good: still running here means the snapshot failed, so both
+        of its ends are shut down (a send blocked on a stalled destination returns)."""
+        if self._thread.is_alive():
+            for end in (self._here, self.channel):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        join_for_good(self._thread)
         self._there.close()
