@@ -92,6 +92,7 @@ class BackgroundSnapshot:
         pass  # never called: no return path
 
     def run(self) -> None:
+        """Steps 1-5 of the module docstring; returns once the stream is complete."""
         out, job = self.out, self.out.job
         job.on_cleanup("statistics page", self.stats.close_fd)
         job.check_cancel()
