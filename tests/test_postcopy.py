@@ -385,7 +385,7 @@ def test_fault_handler_death_pauses_and_recovers(pair) -> None:  # noqa: ANN001
     cs.params.set({"max-postcopy-bandwidth": 8 * MiB})
     start_postcopy(cs, cd, str(cd.incoming.uri))
     wait_for(lambda: mirror.writes > 500, what="guest activity")
-    cd.incoming.postcopy.proc.kill()
+    cd.incoming.postcopy.handler.proc.kill()
     wait_for(lambda: cs.outgoing.status == "postcopy-paused" and cd.incoming.status == "postcopy-paused",
              what="both paused")
     cd.migrate_recover("tcp:127.0.0.1:0")
@@ -404,7 +404,7 @@ def test_postcopy_ram_without_the_switch_completes_in_precopy(pair) -> None:  # 
     assert cs.outgoing.wait(60) and cs.outgoing.status == "completed", cs.query_migrate()
     assert cd.incoming.wait(30) and cd.incoming.status == "completed", cd.query_migrate()
     pc = cd.incoming.postcopy
-    assert pc.proc is None and pc.uffd == -1  # the advised handler was stopped
+    assert pc.handler.proc is None and pc.uffd == -1  # the advised handler was stopped
     assert src.checksum() == dst.checksum()
     assert unplugged_allocation(cd) == 0
 
