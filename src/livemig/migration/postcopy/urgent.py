@@ -83,8 +83,16 @@ class PageAudit:
             self.requested[b.idstr].set_range(first, n)
 
     def note_sent(self, b: BlockState, idx: np.ndarray) -> None:
+        """Pages ``idx`` (sorted) were sent; a run (every urgent answer, nearly) costs a
+        range update instead of a scatter."""
+        if not len(idx):
+            return
+        first, last = int(idx[0]), int(idx[-1])
         with self._lock:
-            self.sent[b.idstr].set_indices(idx)
+            if last - first + 1 == len(idx):
+                self.sent[b.idstr].set_range(first, len(idx))
+            else:
+                self.sent[b.idstr].set_indices(idx)
 
 
 class LastBlock:
