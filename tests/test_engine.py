@@ -192,3 +192,72 @@ def test_sections_are_numbered_from_one_in_registration_order(tmp_path: Path) ->
     finally:
         src.close()
         dst.close()
+
+
+MIGRATION_THREADS = ("migration-", "multifd-", "prefault")
+SIDE_THREADS = {
+    "source": ("migration-rp", "multifd-send"),
+    "destination": ("multifd-recv", "multifd-accept", "multifd-populate", "prefault"),
+}
+
+
+def migration_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(MIGRATION_THREADS))
+
+
+@pytest.mark.parametrize("multifd", [False, True], ids=["precopy", "multifd"])
+def test_no_thread_outlives_its_migration(tmp_path: Path, multifd: bool) -> None:
+    """A completed, a cancelled and a failed migration each leave no thread behind on
+    either side: every helper thread is woken and joined, never abandoned — already when
+    the final status is published (the MIGRATION event), and after."""
+    src, dst = machine(False, dirty_rate=0), machine(True, dirty_rate=0)
+    at_final: list[tuple[str, str, list[str]]] = []
+
+    def watcher(side: str) -> Any:
+        def emit(event: str, data: dict[str, Any] | None = None) -> None:
+            if event == "MIGRATION" and data and data["status"] in ("completed", "failed", "cancelled"):
+                alive = [t.name for t in threading.enumerate() if t.name.startswith(SIDE_THREADS[side])]
+                at_final.append((side, data["status"], alive))
+        return emit
+
+    try:
+        cs, cd = VMController(src), VMController(dst, autostart=False)
+        cs.emit, cd.emit = watcher("source"), watcher("destination")  # type: ignore[method-assign]
+        boot(src, 128 * MiB)
+        caps = [{"capability": "multifd", "state": multifd}, {"capability": "events", "state": True}]
+        for c in (cs, cd):
+            c.migrate_set_capabilities(caps)
+        assert migration_threads() == []
+        # cancelled midway
+        cs.params.set({"max-bandwidth": 32 * MiB})
+        cd.migrate_incoming(f"unix:{tmp_path / 'a.sock'}")
+        cs.migrate(f"unix:{tmp_path / 'a.sock'}")
+        wait_for(lambda: cs.query_migrate().get("ram", {}).get("transferred", 0) > 8 * MiB, what="transfer")
+        cs.migrate_cancel()
+        assert cs.outgoing.wait(30) and cd.incoming.wait(30)
+        for job in (cs.outgoing.job, cd.incoming.job):
+            job.join()
+        assert cs.outgoing.status == "cancelled" and cd.incoming.status == "failed"
+        assert migration_threads() == []
+        # failed: nobody listens
+        cs.migrate(f"unix:{tmp_path / 'nobody.sock'}")
+        assert cs.outgoing.wait(30) and cs.outgoing.status == "failed"
+        cs.outgoing.job.join()
+        assert migration_threads() == []
+        # completed
+        cs.params.set({"max-bandwidth": 0})
+        cd.migrate_incoming(f"unix:{tmp_path / 'b.sock'}")
+        cs.migrate(f"unix:{tmp_path / 'b.sock'}")
+        assert cs.outgoing.wait(60) and cd.incoming.wait(60)
+        for job in (cs.outgoing.job, cd.incoming.job):
+            job.join()
+        assert cs.outgoing.status == "completed" and cd.incoming.status == "completed"
+        assert migration_threads() == []
+        assert sorted((side, st) for side, st, _ in at_final) == sorted([
+            ("source", "cancelled"), ("destination", "failed"), ("source", "failed"),
+            ("source", "completed"), ("destination", "completed"),
+        ])
+        assert all(alive == [] for _, _, alive in at_final), at_final
+    finally:
+        src.close()
+        dst.close()
