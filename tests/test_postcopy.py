@@ -249,6 +249,7 @@ def finish_and_compare(src: Machine, dst: Machine, cs: VMController, cd: VMContr
     assert not np.any(ps.requested[vm_block].words & gone.words)
     assert not np.any(ps.sent[vm_block].words & gone.words)
     assert cs.query_migrate()["ram"]["postcopy-discarded-requests"] == 0
+    assert cd.query_migrate()["ram"]["unplugged-pages-received"] == 0  # the destination's audit
     summary = pc.summary[vm_block]
     unplugged = gone.count()
     assert summary["none"] + summary["local"] >= unplugged  # no data/zero record there
@@ -448,6 +449,7 @@ def test_fault_handler_survives_a_zero_page_noted_after_unregistering(backend: s
     received = ReceivedMap([block])
     events = HandlerEvents()
     handler = HandlerControl(events)
+    reader: threading.Thread | None = None
     try:
         postcopy_uffd.register_missing(fd, block.host, block.used_length)
         handler.spawn()
@@ -456,6 +458,7 @@ def test_fault_handler_survives_a_zero_page_noted_after_unregistering(backend: s
         handler.setup({"op": "setup", "blocks": blocks, "recv_size": received.size, "preempt": False,
                        "blocktime": False, "cpu": -1, "nice": 0}, [fd, received.fd])
         handler.give_channel(None)  # requests come back through forward_requests
+        handler.stats()  # a round trip: the channel is set before the fault (else it re-sends)
         page = 3
         buf = ctypes.create_string_buffer(4096)
         reader = threading.Thread(target=ctypes.memmove, args=(buf, block.host + page * 4096, 4096),
@@ -470,10 +473,17 @@ def test_fault_handler_survives_a_zero_page_noted_after_unregistering(backend: s
         assert not events.exited.is_set(), "the fault handler died"
         assert handler.stats()["latency-count"] == 1
     finally:
+        try:  # wakes a reader still waiting, before its memory goes
+            postcopy_uffd.unregister(fd, block.host, block.used_length)
+        except OSError:
+            pass
+        if reader is not None:
+            reader.join(10)
         handler.close()
         received.close()
         os.close(fd)
-        block.close()
+        if reader is None or not reader.is_alive():
+            block.close()
 
 
 def test_recv_bitmap_wire_format() -> None:

@@ -41,6 +41,7 @@ from livemig.migration.core.job import describe
 from livemig.migration.postcopy import placer as uffd
 from livemig.migration.postcopy import wire
 from livemig.migration.postcopy.destination_recovery import DestinationRecovery
+from livemig.migration.postcopy.handler import RECV_DATA, RECV_NONE, RECV_ZERO
 from livemig.migration.postcopy.handler_control import HandlerControl
 from livemig.migration.postcopy.priority import handler_cpu, urgent_nice
 from livemig.migration.postcopy.received import PostcopyPlacer, ReceivedMap
@@ -252,10 +253,11 @@ class PostcopyIncoming:
     def _complete(self) -> None:
         """Every plugged page is here or known to be zero: stop faulting, report."""
         received = self._received_map()
-        self.lost_pages = sum(received.missing_in(b, self._plugged_runs(b)) for b in self.blocks)
+        self.lost_pages = sum(received.count_in(b, self._plugged_runs(b), RECV_NONE) for b in self.blocks)
         if self.lost_pages:
             log.error("postcopy: %d plugged pages never arrived", self.lost_pages)
             self.handler.send({"op": "lost-pages", "n": self.lost_pages})
+        self._audit_unplugged()
         self.summary = {b.idstr: received.summary(b) for b in self.blocks}
         self.state = END
         try:
@@ -271,6 +273,20 @@ class PostcopyIncoming:
         self.inc.loader.placer = None
         self.inc.send_shut(0)
         self.close()
+
+    def _audit_unplugged(self) -> None:
+        """The load's own evidence that the source sent nothing for unplugged memory (as
+        a load that ends in precopy reports it): pages there with a record, from either
+        stream. Must be 0; a local zero page is not a record."""
+        received, n = self._received_map(), 0
+        for b in self.blocks:
+            mr = self.regions[b.idstr]
+            if mr.rdm is not None:
+                offs, sizes = mr.rdm.discarded_runs(mr.whole())
+                runs = (np.asarray(offs, np.int64) >> TARGET_PAGE_BITS,
+                        np.asarray(sizes, np.int64) >> TARGET_PAGE_BITS)
+                n += received.count_in(b, runs, RECV_DATA, RECV_ZERO)
+        self.inc.load_ctx.report("unplugged-pages-received", n)
 
     def _drop_local_zero_pages(self) -> None:
         """Zero pages placed for faults on discarded memory (a guest touching unplugged

@@ -28,6 +28,7 @@ import sys
 import threading
 from typing import Any, Protocol
 
+from livemig.migration.core.threads import join_for_good
 from livemig.migration.postcopy.handler import recv_ctrl, send_ctrl
 
 log = logging.getLogger(__name__)
@@ -202,9 +203,11 @@ class HandlerControl:
     def close(self) -> None:
         """Stop the process and close the control socket (idempotent)."""
         self.stop()
-        if self.ctrl is not None:
-            self.ctrl.close()
-            self.ctrl = None
-        t = self._reader
-        if t is not None and t is not threading.current_thread():
-            t.join(5)
+        ctrl, self.ctrl = self.ctrl, None
+        if ctrl is not None:
+            try:
+                ctrl.shutdown(socket.SHUT_RDWR)  # the control thread's read returns
+            except OSError:
+                pass
+            join_for_good(self._reader)
+            ctrl.close()

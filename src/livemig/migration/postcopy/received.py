@@ -68,13 +68,12 @@ class ReceivedMap:
         bits = np.packbits(self.of(block) != RECV_NONE, bitorder="little").tobytes()
         return bits + bytes(rp.recv_bitmap_size(nbits) - len(bits))
 
-    def missing_in(self, block: RAMBlock, runs: tuple[np.ndarray, np.ndarray] | None) -> int:
-        """Pages of ``runs`` (first, count; all used pages if None) with no record and no
-        local answer."""
-        missing = self.of(block) == RECV_NONE
+    def count_in(self, block: RAMBlock, runs: tuple[np.ndarray, np.ndarray] | None, *states: int) -> int:
+        """Pages of ``runs`` (first, count; all used pages if None) in one of ``states``."""
+        hit = np.isin(self.of(block), states)
         if runs is None:
-            return int(np.count_nonzero(missing))
-        return sum(int(np.count_nonzero(missing[s : s + n]))
+            return int(np.count_nonzero(hit))
+        return sum(int(np.count_nonzero(hit[s : s + n]))
                    for s, n in zip(runs[0].tolist(), runs[1].tolist(), strict=True))
 
     def local_runs(self, block: RAMBlock) -> tuple[np.ndarray, np.ndarray]:

@@ -48,7 +48,12 @@ from livemig.migration.ram.sender import StreamSink
 from livemig.migration.ram.state import BlockState
 from livemig.migration.stream import savevm
 from livemig.migration.stream.format import MigCommand, RPMessage, SectionType
-from livemig.migration.stream.qemu_file import BytesWriter, QEMUFileReader, QEMUFileWriter
+from livemig.migration.stream.qemu_file import (
+    BytesWriter,
+    QEMUFileReader,
+    QEMUFileWriter,
+    StreamError,
+)
 
 if TYPE_CHECKING:
     from livemig.migration.outgoing import OutgoingMigration
@@ -146,21 +151,18 @@ class PostcopySource:
         if ch is not None:
             out.job.on_cleanup("postcopy channel", self.urgent.close_channel)
             ch.attach(connect(self.recovery.uri, tls=out.tls))
-        stop_at = out.stop_guest_and_sync("finish-migrate", status.POSTCOPY_DEVICE)
-        precopy_bytes = w.bytes_written
-        for b in out.ram.blocks:
-            starts, lengths = out.ram.dirty_runs(b)
-            for payload in wire.discards(b.idstr, starts, lengths):
-                savevm.write_command(w, MigCommand.POSTCOPY_RAM_DISCARD, payload)
-        pkg = BytesWriter()
-        savevm.write_command(pkg, MigCommand.POSTCOPY_LISTEN)
-        out.sections.write_late(pkg)
-        savevm.write_command(pkg, MigCommand.PING, struct.pack(">I", PING_BEFORE_RUN))
-        savevm.write_command(pkg, MigCommand.POSTCOPY_RUN)
-        data = pkg.getvalue()
-        savevm.write_command(w, MigCommand.PACKAGED, wire.packaged(len(data)))
-        w.put_bytes(data)
-        w.flush()
+        # until the package is out, a stalled destination must not keep the guest stopped
+        # here (the migration fails and the guest runs again, as in precopy)
+        with out.completion_deadline() as deadline:
+            try:
+                stop_at = out.stop_guest_and_sync("finish-migrate", status.POSTCOPY_DEVICE)
+                precopy_bytes = w.bytes_written
+                self._send_discards(w)
+                self._send_package(w)
+            except (OSError, StreamError) as e:
+                if deadline.expired:
+                    raise StreamError(w.bytes_written, deadline.message()) from e
+                raise
         st = out.ram.stats
         st.precopy_bytes = precopy_bytes
         st.downtime_bytes = w.bytes_written - precopy_bytes
@@ -170,6 +172,26 @@ class PostcopySource:
             out.job.check_cancel()
         if ch is not None:
             ch.start(self.recovery.gen)
+
+    def _send_discards(self, w: QEMUFileWriter) -> None:
+        """Reference 3.7: per block, the runs still dirty (discarded memory never is)."""
+        ram = self.out.ram
+        for b in ram.blocks:
+            starts, lengths = ram.dirty_runs(b)
+            for payload in wire.discards(b.idstr, starts, lengths):
+                savevm.write_command(w, MigCommand.POSTCOPY_RAM_DISCARD, payload)
+
+    def _send_package(self, w: QEMUFileWriter) -> None:
+        """LISTEN, the device state, PING 3 and RUN, as one PACKAGED command."""
+        pkg = BytesWriter()
+        savevm.write_command(pkg, MigCommand.POSTCOPY_LISTEN)
+        self.out.sections.write_late(pkg)
+        savevm.write_command(pkg, MigCommand.PING, struct.pack(">I", PING_BEFORE_RUN))
+        savevm.write_command(pkg, MigCommand.POSTCOPY_RUN)
+        data = pkg.getvalue()
+        savevm.write_command(w, MigCommand.PACKAGED, wire.packaged(len(data)))
+        w.put_bytes(data)
+        w.flush()
 
     # -- postcopy ------------------------------------------------------------------------
     def _postcopy(self) -> None:
@@ -193,7 +215,7 @@ class PostcopySource:
                 if rp_ is not None:
                     rp_.done.wait(0.2)  # a destination that failed says so: fail, not pause
                     if rp_.failed:
-                        raise DestinationFailed(0, "destination reported a failed migration") from e
+                        raise DestinationFailed.of(rp_) from e
                     if rp_.result == 0:  # it completed; only our goodbye was lost
                         self._completed()
                         return
@@ -265,7 +287,7 @@ class PostcopySource:
             self.recovery.check()
             rp_.done.wait(0.05)
         if rp_.failed:
-            raise DestinationFailed(w.bytes_written, "destination reported a failed migration")
+            raise DestinationFailed.of(rp_, w.bytes_written)
         self._completed()
 
     def _completed(self) -> None:

@@ -43,6 +43,7 @@ from livemig.migration.stream.format import (
     RPMessage,
 )
 from livemig.migration.stream.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
+from livemig.migration.stream.return_channel import ReturnPathReader
 
 if TYPE_CHECKING:
     from livemig.migration.outgoing import OutgoingMigration
@@ -59,6 +60,11 @@ class PostcopyConnectionLost(ConnectionError):
 
 class DestinationFailed(StreamError):
     """The destination reported a failed load (its guest never ran): the migration fails."""
+
+    @classmethod
+    def of(cls, reader: ReturnPathReader, at: int = 0) -> DestinationFailed:
+        why = "destination reported a failed migration"
+        return cls(at, f"{why}: {reader.reason}" if reader.reason else why)
 
 
 class SourceRecovery:
@@ -105,7 +111,7 @@ class SourceRecovery:
         generation is gone (PostcopyConnectionLost)."""
         rp_ = self.out.rp
         if rp_ is not None and rp_.failed:
-            raise DestinationFailed(0, "destination reported a failed migration")
+            raise DestinationFailed.of(rp_)
         if self.lost_why is not None:
             raise PostcopyConnectionLost(self.lost_why)
         if rp_ is not None and rp_.done.is_set() and rp_.result is None:
@@ -166,7 +172,7 @@ class SourceRecovery:
             sock.close()
             raise
         if out.rp is not None:  # the old reader must be gone before the new one reports
-            out.rp.join(5)
+            out.rp.join()
         with self._lock:
             self.gen += 1
             self.lost_why = None

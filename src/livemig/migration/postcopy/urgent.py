@@ -32,6 +32,7 @@ import numpy as np
 
 from livemig.memory.bitmap import Bitmap
 from livemig.migration.core.job import describe
+from livemig.migration.core.threads import join_for_good
 from livemig.migration.postcopy.priority import urgent_priority
 from livemig.migration.ram.sender import StreamSink
 from livemig.migration.ram.state import (
@@ -188,9 +189,7 @@ class PostcopyChannel:
         """End this generation: shut down, join the thread, close (idempotent)."""
         self._closing = True
         self.shutdown()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(10)
+        join_for_good(self._thread)  # it reads guest memory: gone before the holds are
         with self.lock:
             s, self.sock, self.w, self.sink = self.sock, None, None, None
         if s is not None:
