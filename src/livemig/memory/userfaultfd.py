@@ -1,7 +1,7 @@
 """userfaultfd through ctypes: what every mode shares, and write protection for snapshots.
 
-Opening, the API handshake, unregister, wake and fault messages serve both users;
-postcopy's MISSING-mode placement builds on them in :mod:`livemig.migration.postcopy.placer`.
+Opening, the API handshake, registration, unregister, wake and fault messages serve both
+users; postcopy's MISSING-mode placement builds on them in :mod:`livemig.migration.postcopy.placer`.
 
 A userfaultfd context is bound to the memory of the process that *created* it, whoever
 later holds the descriptor: another process that received the descriptor (``SCM_RIGHTS``)
@@ -114,6 +114,13 @@ def open_uffd(features: int) -> int:
         os.close(fd)
         raise err
     return fd
+
+
+def register_missing(fd: int, start: int, length: int) -> None:
+    """Register a range for missing-page faults (postcopy)."""
+    reg = _Register(_Range(start, length), UFFDIO_REGISTER_MODE_MISSING, 0)
+    if _libc.ioctl(fd, UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
+        raise _err(f"UFFDIO_REGISTER 0x{start:x}+0x{length:x}")
 
 
 def register_wp(fd: int, start: int, length: int) -> int:
