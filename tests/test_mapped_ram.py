@@ -29,7 +29,7 @@ from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory.checksum import content_ranges
 from livemig.migration.mapped_ram import files as mr_files
-from livemig.migration.mapped_ram.layout import HEADER, PAGE_SIZE, BlockLayout, read_bitmap
+from livemig.migration.mapped_ram.layout import HEADER, PAGE_SIZE, BlockFileLayout, read_bitmap
 from livemig.migration.ram.codec import read_block_list
 from livemig.migration.stream import savevm
 from livemig.migration.stream.format import RamFlag, SectionType
@@ -114,9 +114,9 @@ def restore(region: int, path: Path, *names: str, channels: int = 1, autostart: 
     return m, ctl
 
 
-def blocks_of(path: Path) -> list[tuple[int, BlockLayout]]:
+def blocks_of(path: Path) -> list[tuple[int, BlockFileLayout]]:
     """(header offset, layout) of every block, read the way QEMU's loader does."""
-    out: list[tuple[int, BlockLayout]] = []
+    out: list[tuple[int, BlockFileLayout]] = []
     with open_reader(path) as r:
         savevm.read_header(r)
         savevm.read_section_header(r)
@@ -127,7 +127,7 @@ def blocks_of(path: Path) -> list[tuple[int, BlockLayout]]:
         def entry(r: Any, at: int, name: str, length: int) -> None:
             off = r.tell()
             _, _, bitmap, pages = HEADER.unpack(r.read_exact(HEADER.size))
-            lay = BlockLayout(name, length, bitmap, pages)
+            lay = BlockFileLayout(name, length, bitmap, pages)
             out.append((off, lay))
             r.seek(lay.end)
 

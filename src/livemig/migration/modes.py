@@ -8,7 +8,7 @@ migration's capabilities ask for.
 
 from __future__ import annotations
 
-from livemig.migration.channels import MigrationURI
+from livemig.migration.channels import Listener, MigrationURI
 from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, Parameters
 from livemig.migration.core.vm import MigratableVM
@@ -23,6 +23,9 @@ from livemig.migration.mapped_ram.save import MappedRamSaver, check_target
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
 from livemig.migration.outgoing import OutgoingMigration
+from livemig.migration.postcopy.destination import PostcopyIncoming
+from livemig.migration.postcopy.source import PostcopySource
+from livemig.migration.snapshot.snapshot import BackgroundSnapshot
 from livemig.migration.transport.tls import TLSServer
 
 
@@ -49,13 +52,9 @@ def outgoing_migration(
     if params.direct_io:
         raise MappedRamConfigError("direct-io needs the mapped-ram capability")
     if caps["background-snapshot"]:
-        from livemig.migration.snapshot.snapshot import BackgroundSnapshot  # TEMP until ported
-
         return OutgoingMigration(vm, uri, caps, params, emit, mode=BackgroundSnapshot)
     channels = MultifdSender.attach if caps["multifd"] else None
     if caps["postcopy-ram"]:
-        from livemig.migration.postcopy.source import PostcopySource  # TEMP until ported
-
         out = OutgoingMigration(vm, uri, caps, params, emit, mode=PostcopySource, channels=channels)
         out.postcopy = out.mode
         return out
@@ -96,11 +95,7 @@ def incoming_migration(
     def channels(inc: IncomingMigration) -> object:
         return MultifdReceiver.attach(inc) if caps["multifd"] else None
 
-    def postcopy(inc: IncomingMigration, listener: object) -> object:
-        if not caps["postcopy-ram"]:
-            return None
-        from livemig.migration.postcopy.destination import PostcopyIncoming  # TEMP until ported
-
-        return PostcopyIncoming(inc, listener)
+    def postcopy(inc: IncomingMigration, listener: Listener) -> PostcopyIncoming | None:
+        return PostcopyIncoming(inc, listener) if caps["postcopy-ram"] else None
 
     return IncomingMigration(vm, uri, caps, emit, autostart, tls, channels=channels, postcopy=postcopy)

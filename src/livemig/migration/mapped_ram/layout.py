@@ -46,7 +46,7 @@ class MappedRamConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class BlockLayout:
+class BlockFileLayout:
     """Where one RAM block's bitmap and pages are in the file."""
 
     idstr: str
@@ -72,7 +72,7 @@ class BlockLayout:
         return self.pages_offset + (page << PAGE_SHIFT)
 
     @classmethod
-    def at(cls, header_offset: int, idstr: str, length: int) -> BlockLayout:
+    def at(cls, header_offset: int, idstr: str, length: int) -> BlockFileLayout:
         """The layout of a block whose header is written at ``header_offset``."""
         bitmap = header_offset + HEADER.size
         pages = -(-(bitmap + words_for(length >> PAGE_SHIFT) * 8) // FILE_OFFSET_ALIGNMENT) * FILE_OFFSET_ALIGNMENT
@@ -82,20 +82,20 @@ class BlockLayout:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def write_block_header(w: QEMUFileWriter, idstr: str, length: int) -> BlockLayout:
+def write_block_header(w: QEMUFileWriter, idstr: str, length: int) -> BlockFileLayout:
     """The header of one block-list entry; the stream goes on after the block's pages.
 
     ``w`` writes a file from offset 0 (its transport is a seekable file object).
     """
     w.flush()
-    lay = BlockLayout.at(w.transport.tell(), idstr, length)
+    lay = BlockFileLayout.at(w.transport.tell(), idstr, length)
     w.put_bytes(HEADER.pack(HEADER_VERSION, PAGE_SIZE, lay.bitmap_offset, lay.pages_offset))
     w.flush()
     w.transport.seek(lay.end)
     return lay
 
 
-def write_bitmap(fd: int, lay: BlockLayout, bitmap: Bitmap) -> None:
+def write_bitmap(fd: int, lay: BlockFileLayout, bitmap: Bitmap) -> None:
     data = memoryview(bitmap.words.astype("<u8", copy=False)).cast("B")
     done = 0
     while done < len(data):
@@ -105,7 +105,7 @@ def write_bitmap(fd: int, lay: BlockLayout, bitmap: Bitmap) -> None:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read_block_header(r: QEMUFileReader, idstr: str, length: int, file_size: int) -> BlockLayout:
+def read_block_header(r: QEMUFileReader, idstr: str, length: int, file_size: int) -> BlockFileLayout:
     """Read and check the header after a block-list entry (reader at the header)."""
     at = r.tell()
     raw = r.read_exact(HEADER.size)
@@ -117,7 +117,7 @@ def read_block_header(r: QEMUFileReader, idstr: str, length: int, file_size: int
         )
     if page_size != PAGE_SIZE:
         raise MappedRamError(at + 4, f"{where}: page size {page_size} in its header, expected {PAGE_SIZE}")
-    lay = BlockLayout(idstr, length, bitmap_offset, pages_offset)
+    lay = BlockFileLayout(idstr, length, bitmap_offset, pages_offset)
     if pages_offset % PAGE_SIZE:
         raise MappedRamError(at + 20, f"Error reading ramblock {idstr} pages, region has bad alignment")
     if bitmap_offset < at + HEADER.size or bitmap_offset + lay.bitmap_bytes > pages_offset:
@@ -135,7 +135,7 @@ def read_block_header(r: QEMUFileReader, idstr: str, length: int, file_size: int
     return lay
 
 
-def read_bitmap(fd: int, lay: BlockLayout) -> Bitmap:
+def read_bitmap(fd: int, lay: BlockFileLayout) -> Bitmap:
     """The block's present-pages bitmap, checked (no bit beyond the block's pages)."""
     n = lay.bitmap_bytes
     buf = np.zeros(n // 8, np.uint64)
@@ -152,7 +152,7 @@ def read_bitmap(fd: int, lay: BlockLayout) -> Bitmap:
         raise MappedRamError(lay.bitmap_offset, f"mapped-ram block {lay.idstr}: {e}") from None
 
 
-def scan_block(r: QEMUFileReader, idstr: str, length: int) -> tuple[BlockLayout, Bitmap]:
+def scan_block(r: QEMUFileReader, idstr: str, length: int) -> tuple[BlockFileLayout, Bitmap]:
     """For a reader of a whole file at a block's header: its layout and bitmap, and the
     reader moved past its pages (``livemig inspect``)."""
     fd = r.transport.fileno()

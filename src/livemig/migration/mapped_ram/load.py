@@ -26,7 +26,7 @@ from livemig.migration.incoming import IncomingMigration
 from livemig.migration.mapped_ram.files import STAGING_PAGES, Channel, FileChannels, pread_all
 from livemig.migration.mapped_ram.layout import (
     PAGE_SHIFT,
-    BlockLayout,
+    BlockFileLayout,
     MappedRamConfigError,
     MappedRamError,
     read_bitmap,
@@ -39,7 +39,7 @@ DIRECT_RUNS = 64  # a window with up to this many runs is read run by run into g
 
 def read_block_entry(
     blocks: dict[str, RAMBlock], fd: int, r: QEMUFileReader, at: int, name: str, length: int
-) -> tuple[RAMBlock, BlockLayout, Bitmap]:
+) -> tuple[RAMBlock, BlockFileLayout, Bitmap]:
     """The block, its layout and its present-pages bitmap, all checked."""
     block = blocks.get(name)
     if block is None:
@@ -74,7 +74,7 @@ def run_pages(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + offs
 
 
-def read_runs(ch: Channel, block: RAMBlock, lay: BlockLayout, starts: np.ndarray, lengths: np.ndarray) -> None:
+def read_runs(ch: Channel, block: RAMBlock, lay: BlockFileLayout, starts: np.ndarray, lengths: np.ndarray) -> None:
     """Read present pages of one window into guest RAM (module docstring)."""
     if len(starts) <= DIRECT_RUNS:
         view = block.view
@@ -132,7 +132,7 @@ class MappedRamLoader:
             ld.zero_runs(block, zs, zl)
         r.seek(lay.end)
 
-    def _read(self, ch: Channel, block: RAMBlock, lay: BlockLayout, starts: np.ndarray, lengths: np.ndarray) -> None:
+    def _read(self, ch: Channel, block: RAMBlock, lay: BlockFileLayout, starts: np.ndarray, lengths: np.ndarray) -> None:
         read_runs(ch, block, lay, starts, lengths)
         self.inc.loader.mark_data_runs(block, starts, lengths)
 

@@ -54,7 +54,7 @@ from livemig.migration.mapped_ram import fault_handler
 from livemig.migration.mapped_ram.layout import (
     PAGE_SHIFT,
     PAGE_SIZE,
-    BlockLayout,
+    BlockFileLayout,
     MappedRamConfigError,
 )
 from livemig.migration.mapped_ram.load import read_block_entry, window_pieces
@@ -72,7 +72,7 @@ class InstantRestore:
         self.inc = inc
         self.vm = inc.vm
         self.blocks_by_name = {b.idstr: b for b in inc.vm.memory.blocks}
-        self.blocks: list[tuple[RAMBlock, BlockLayout, Bitmap]] = []
+        self.blocks: list[tuple[RAMBlock, BlockFileLayout, Bitmap]] = []
         self.state = ""  # "running" once the guest started (incoming.info shows info())
         self.uffd = -1
         self.file_fd = -1

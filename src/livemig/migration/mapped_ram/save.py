@@ -31,7 +31,7 @@ from livemig.memory.ram_block import RAMBlock
 from livemig.migration.mapped_ram.files import Channel, FileChannels, pwrite_all
 from livemig.migration.mapped_ram.layout import (
     PAGE_SHIFT,
-    BlockLayout,
+    BlockFileLayout,
     MappedRamConfigError,
     write_bitmap,
     write_block_header,
@@ -71,7 +71,7 @@ class MappedRamSaver:
         self.fd = out.fd
         self.stats = out.ram.stats
         self.lock = threading.Lock()
-        self.layouts: dict[str, BlockLayout] = {}
+        self.layouts: dict[str, BlockFileLayout] = {}
         self.present: dict[str, Bitmap] = {}
         self._acc: list[tuple[BlockState, np.ndarray]] = []
         self._acc_pages = 0
