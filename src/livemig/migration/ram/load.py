@@ -65,21 +65,19 @@ class RamLoader:
     # -- set-up ----------------------------------------------------------------------------
     def load_setup(self, r: QEMUFileReader) -> None:
         """MEM_SIZE block list: every block must exist here with the same length."""
-        total, entries, end_at = read_block_list(r)
-        seen: set[str] = set()
-        for at, name, length in entries:
-            block = self.blocks.get(name)
+        total, entries, end_at = read_block_list(r)  # names are distinct
+        for e in entries:
+            block = self.blocks.get(e.name)
             if block is None:
-                raise StreamError(at, f"Unknown ramblock \"{name}\", cannot accept migration")
-            if name in seen:
-                raise StreamError(at, f"RAM block \"{name}\" listed twice")
-            if length != block.used_length:
                 raise StreamError(
-                    at, f"Length mismatch: {name}: 0x{length:x} in != 0x{block.used_length:x}"
+                    e.at, f"Unknown ramblock \"{e.name}\", cannot accept migration"
                 )
-            seen.add(name)
+            if e.length != block.used_length:
+                raise StreamError(
+                    e.at, f"Length mismatch: {e.name}: 0x{e.length:x} in != 0x{block.used_length:x}"
+                )
         ours = sum(b.used_length for b in self.blocks.values())
-        if sum(e[2] for e in entries) != total or total != ours:
+        if sum(e.length for e in entries) != total or total != ours:
             raise StreamError(end_at, f"RAM size mismatch: stream has 0x{total:x} bytes, this VM 0x{ours:x}")
         expect_eos(r)
         self.decoder.start_section()
