@@ -61,7 +61,6 @@ class RamRecords:
         self.postcopy_advised = False
         self.ignore_shared = False
         self.decoder: RecordDecoder | None = None  # made at the set-up, with the page size
-        self._section: SectionReport | None = None
         self._page_stride = 0
 
     # -- the set-up section: block list, then records up to EOS -----------------------------
@@ -98,24 +97,35 @@ class RamRecords:
         """
         if self.decoder is None:
             raise StreamError(sec.offset, "RAM section before the RAM set-up section")
-        self._section = sec
-        self.decoder.read_section(r, self)
-        self.report.eos += 1
+        rep = self.report
+        z0, n0 = rep.zero_pages, rep.normal_pages
+        try:
+            self.decoder.read_section(r, self)
+        finally:  # a damaged section still shows what it held up to the damage
+            sec.zero += rep.zero_pages - z0
+            sec.normal += rep.normal_pages - n0
+        rep.eos += 1
 
-    # -- RecordConsumer ---------------------------------------------------------------------
+    # -- RecordConsumer: one call per run, or per record where runs are one record long -------
     def pages(self, block: RamBlockReport, pages: np.ndarray, data: np.ndarray, at: int) -> None:
-        n = len(pages)
-        block.normal += n
-        if self._section is not None:
-            self._section.normal += n
-        self._touch(block, pages, at, self._page_stride, "PAGE")
+        if len(pages) == 1:
+            block.normal += 1
+            block.touched.add_one(int(pages[0]))
+        else:
+            block.normal += len(pages)
+            block.touched.add(pages)
+        if self.watch:
+            self._watch(block, pages, at, self._page_stride, "PAGE")
 
     def zeros(self, block: RamBlockReport, pages: np.ndarray, at: int) -> None:
-        n = len(pages)
-        block.zero += n
-        if self._section is not None:
-            self._section.zero += n
-        self._touch(block, pages, at, ZERO_RECORD, "ZERO")
+        if len(pages) == 1:
+            block.zero += 1
+            block.touched.add_one(int(pages[0]))
+        else:
+            block.zero += len(pages)
+            block.touched.add(pages)
+        if self.watch:
+            self._watch(block, pages, at, ZERO_RECORD, "ZERO")
 
     def flush(self, at: int) -> None:
         self.report.multifd_flush += 1
@@ -129,16 +139,14 @@ class RamRecords:
             assert kind == RAM_FLAG_REMOVED_COMPRESS_PAGE
             block.compressed += 1
             name = "COMPRESSED"
-        self._touch(block, np.array([page], np.int64), at, 0, name)
+        block.touched.add_one(page)
+        if self.watch:
+            self._watch(block, np.array([page], np.int64), at, 0, name)
 
-    # -- pages with records, and the records in flagged pages -------------------------------
-    def _touch(
+    # -- the discard check's second pass: records in flagged pages --------------------------
+    def _watch(
         self, block: RamBlockReport, pages: np.ndarray, at: int, stride: int, kind: str
     ) -> None:
-        if len(pages) == 1:  # a record on its own: queued, merged in bulk
-            block.touched.add_one(int(pages[0]))
-        else:
-            block.touched.add(pages)
         words = self.watch.get(block.name)
         if words is None:
             return

@@ -331,18 +331,26 @@ class RecordDecoder:
 
     def read_section(self, r: QEMUFileReader, out: RecordConsumer) -> None:
         """Records up to and including EOS."""
-        mask = self._mask
+        mask, page_record = self._mask, self.page_record
         while True:
             buf = r.fill(8)
-            if len(buf) < 8:
+            have = len(buf)
+            if have < 8:
                 raise StreamError(
                     r.tell(),
-                    f"truncated stream: RAM record header cut short ({len(buf)} of 8 bytes)",
+                    f"truncated stream: RAM record header cut short ({have} of 8 bytes)",
                 )
             hdr = int.from_bytes(buf[:8], "big")
             flags = hdr & mask
             if (flags == _PAGE_C or flags == _ZERO_C) and self._block is not None:
-                self._run(r, out, flags)
+                stride = page_record if flags == _PAGE_C else ZERO_RECORD
+                if stride <= have and (
+                    have < 2 * stride
+                    or int.from_bytes(buf[stride : stride + 8], "big") & mask != flags
+                ):
+                    self._one(r, out, buf, hdr, stride)  # a run of one record
+                else:
+                    self._run(r, out, flags, stride)
             elif self._record(r, out, hdr, flags):
                 return
 
@@ -428,15 +436,9 @@ class RecordDecoder:
         r.skip(n)
 
     # -- runs of PAGE|CONTINUE or ZERO|CONTINUE records -----------------------------------
-    def _run(self, r: QEMUFileReader, out: RecordConsumer, flags: int) -> None:
-        """The run of records with ``flags`` at the front of the buffer, in one call.
-
-        A run of one record (memory where zero and data pages alternate, as QEMU sends it
-        page by page) is checked with two integer reads and no numpy pass; a longer one
-        with strided views over its headers (:meth:`_run_length`).
-        """
-        page = flags == _PAGE_C
-        stride = self.page_record if page else ZERO_RECORD
+    def _run(self, r: QEMUFileReader, out: RecordConsumer, flags: int, stride: int) -> None:
+        """The run of records with ``flags`` at the front of the buffer, in one call: its
+        headers checked with strided views (:meth:`_run_length`)."""
         buf = r.fill(stride)
         avail = len(buf) // stride
         if avail == 0:
@@ -447,21 +449,15 @@ class RecordDecoder:
         at = r.tell()
         block = self._block
         bits = self.page_bits
-        if avail == 1 or int.from_bytes(buf[stride : stride + 8], "big") & self._mask != flags:
-            n = 1
-            addr = int.from_bytes(buf[:8], "big") & ~self._mask
-            check_offset(at, block, addr)
-            pages = np.array([addr >> bits], np.int64)
-        else:
-            n = self._run_length(buf, stride, flags, avail)
-            pages = np.ndarray((n,), ">u8", buf, 0, (stride,)).astype(np.uint64)
-            pages >>= np.uint64(bits)  # in place: one array per run, below 2**54 now
-            pages = pages.view(np.int64)
-            over = pages >= block.used_length >> bits
-            if over.any():
-                i = int(np.argmax(over))
-                check_offset(at + i * stride, block, int(pages[i]) << bits)
-        if page:
+        n = self._run_length(buf, stride, flags, avail) if avail > 1 else 1
+        pages = np.ndarray((n,), ">u8", buf, 0, (stride,)).astype(np.uint64)
+        pages >>= np.uint64(bits)  # in place: one array per run, below 2**54 now
+        pages = pages.view(np.int64)
+        over = pages >= block.used_length >> bits
+        if over.any():
+            i = int(np.argmax(over))
+            check_offset(at + i * stride, block, int(pages[i]) << bits)
+        if flags == _PAGE_C:
             data = np.ndarray((n, self.page_size), np.uint8, buf, 8, (stride, 1))
             out.pages(block, pages, data, at)
         else:
@@ -475,8 +471,28 @@ class RecordDecoder:
             out.zeros(block, pages, at)
         r.consume(n * stride)
 
+    def _one(
+        self, r: QEMUFileReader, out: RecordConsumer, buf: memoryview, hdr: int, stride: int
+    ) -> None:
+        """A PAGE|CONTINUE or ZERO|CONTINUE record that is a run of its own, already in the
+        buffer: plain integer checks, every numpy call saved that can be (QEMU streams of
+        memory where zero and data pages alternate are made of these)."""
+        block = self._block
+        at = r.tell()
+        addr = hdr & ~self._mask
+        if addr >= block.used_length:
+            check_offset(at, block, addr)
+        pages = np.array([addr >> self.page_bits], np.int64)
+        if stride != ZERO_RECORD:
+            out.pages(block, pages, np.ndarray((1, self.page_size), np.uint8, buf, 8), at)
+        elif buf[8]:
+            raise StreamError(at + 8, f"ZERO record with fill byte 0x{buf[8]:02x} (must be 0)")
+        else:
+            out.zeros(block, pages, at)
+        r.consume(stride)
+
     def _run_length(self, buf: memoryview, stride: int, flags: int, avail: int) -> int:
-        """How many of the ``avail`` buffered records (at least two) carry ``flags``.
+        """How many of the ``avail`` buffered records carry ``flags`` (the first one does).
 
         Single headers at 64, 512, 4096... records out are read first, until one does not
         carry the flags or the buffer ends; then one numpy pass over the headers up to
