@@ -772,6 +772,11 @@ def test_target_page_size_from_the_configuration(tmp_path: Path) -> None:
     (v,) = check_discard(report)
     assert (v.stream_offset, v.kind, v.vmem_block) == (marks["violation"], "ZERO", 2)
     assert v.gpa == 4 * GiB + 2 * BLOCK + 3 * page and v.block_offset == 2 * BLOCK + 3 * page
+    # no QEMU target has pages above 64 KiB: not damage, but not read either (exit 3)
+    _qemu8_like_stream(path, "0000:00:03.0/mem0", "pc.ram", page=128 * 1024)
+    report = inspect_stream(path)
+    assert not report.complete and (report.stopped or "").startswith("target pages of 0x20000")
+    assert run_main(str(path))[0] == 3
 
 
 def test_xbzrle_and_compressed_records_are_counted(tmp_path: Path) -> None:
