@@ -1,7 +1,7 @@
 """Each half of the multifd data path alone, in one process: what bounds a migration here.
 
 * source: a 4 GiB memfd block (RANDOM random bytes then ZERO written zeros) sent through
-  ``MultifdSender`` by the real ``RamSaver`` walk, into socket pairs drained by a child
+  ``MultifdSender`` by the real ``RamState`` walk, into socket pairs drained by a child
   process that only reads (no destination work at all);
 * destination: a child process feeds prebuilt packets (16 MiB of data per packet, then
   zero runs, then SYNC) into ``MultifdReceiver`` channels over socket pairs; the
@@ -31,7 +31,8 @@ from livemig.memory.ram_block import RAMBlock  # noqa: E402
 from livemig.memory.region import MemoryRegion  # noqa: E402
 from livemig.migration.multifd import receiver, sender, wire  # noqa: E402
 from livemig.migration.ram.load import RamLoader  # noqa: E402
-from livemig.migration.ram.save import RamSaver  # noqa: E402
+from livemig.migration.ram.sender import send_pass  # noqa: E402
+from livemig.migration.ram.state import RamState  # noqa: E402
 from livemig.migration.stream.qemu_file import BytesWriter  # noqa: E402
 
 CHUNK = 16 << 20
@@ -72,15 +73,15 @@ def source(random_bytes: int, zero_bytes: int, channels: int) -> dict:
     for _, c in pairs:
         c.close()
     mr = MemoryRegion("bench", b, 0)
-    saver = RamSaver([mr], None)
-    sender = sender.MultifdSender([s for s, _ in pairs])
-    saver.multifd = sender
-    saver.init_bitmaps(start_log=False, sync=False)
+    ram = RamState([mr], None)
+    tx = sender.MultifdSender([s for s, _ in pairs])
+    w = BytesWriter()
+    ram.init_bitmaps(start_log=False, sync=False)
     t, c0 = time.perf_counter(), os.times()
-    saver.send(BytesWriter())
+    send_pass(ram, sender.MultifdSink(tx, w, ram.stats), w)
     dt, c1 = time.perf_counter() - t, os.times()
-    sent = sender.bytes_sent()
-    sender.close()
+    sent = tx.bytes_sent()
+    tx.close()
     os.waitpid(pid, 0)
     b.close()
     return {"seconds": round(dt, 3), "cpu_s": round(c1.user - c0.user + c1.system - c0.system, 2),

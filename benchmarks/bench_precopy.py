@@ -156,7 +156,7 @@ def bench_setup(repeats: int = 7) -> dict:
     from livemig.memory.dirty_log import BitmapDirtyLog
     from livemig.memory.ram_block import RAMBlock
     from livemig.memory.region import GuestMemoryMap, MemoryRegion
-    from livemig.migration.ram.save import RamSaver
+    from livemig.migration.ram.state import RamState
 
     tib, bs = 1 << 40, 2 * MiB
     gm = GuestMemoryMap()
@@ -175,7 +175,7 @@ def bench_setup(repeats: int = 7) -> dict:
     log = BitmapDirtyLog(gm.blocks)
     times = []
     for _ in range(repeats):
-        saver = RamSaver(gm.regions, log)
+        saver = RamState(gm.regions, log)
         t = time.perf_counter()
         saver.init_bitmaps()
         times.append((time.perf_counter() - t) * 1000)

@@ -1075,6 +1075,9 @@ def test_socket_destination_fails_after_switchover(
     assert_source_intact(src, ctrl, "failed", before)
     info = wait_in(d)
     assert info["status"] == "failed" and "refused by the test" in info["error-desc"]
+    # the reason reaches the source, named, not only "Broken pipe"
+    desc = ctrl.query_migrate()["error-desc"]
+    assert "destination reported a failed migration" in desc and "refused by the test" in desc, desc
     assert d.machine.runstate == "inmigrate"
     # the same destination accepts a new incoming migration
     migrate_ok(src, ctrl, d, f"unix:{tmp_path / 'again.sock'}", before)

@@ -28,7 +28,8 @@ from livemig.control.vm_controller import VMController  # noqa: E402
 from livemig.guest.workload import WorkloadConfig  # noqa: E402
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig  # noqa: E402
 from livemig.memory.ram_block import RAMBlock  # noqa: E402
-from livemig.migration.ram.save import RamSaver  # noqa: E402
+from livemig.migration.ram.sender import StreamSink, send_pass  # noqa: E402
+from livemig.migration.ram.state import RamState  # noqa: E402
 from livemig.migration.stream.qemu_file import BytesWriter  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -198,13 +199,13 @@ def test_setup_clears_unplugged_blocks_from_kvm_log(running, shift: int) -> None
     assert np.isin(unplugged, before).all()  # the writes from before the unplug
 
     # Without clearing the log, a sync brings unplugged memory back (what 3.2 fixes).
-    naive = RamSaver(m.memory.regions, m.accel.dirty_log, clear_bitmap_shift=shift, log_clear=False)
+    naive = RamState(m.memory.regions, m.accel.dirty_log, clear_bitmap_shift=shift, log_clear=False)
     naive.init_bitmaps()
     naive.sync()
     vmem_state = next(b for b in naive.blocks if b.block is m.vmem_mr.block)
     assert np.isin(unplugged, bits(vmem_state.bmap.words)).all()
 
-    saver = RamSaver(m.memory.regions, m.accel.dirty_log, clear_bitmap_shift=shift)
+    saver = RamState(m.memory.regions, m.accel.dirty_log, clear_bitmap_shift=shift)
     saver.init_bitmaps()
     after = kvm_log(m)
     assert not np.isin(after, np.arange(16 * MiB // PAGE, npages)).any()
@@ -216,7 +217,8 @@ def test_setup_clears_unplugged_blocks_from_kvm_log(running, shift: int) -> None
 
     # A pass of the migration re-arms plugged chunks before reading them; the guest's next
     # writes are logged again, and nothing appears in unplugged blocks.
-    saver.send(BytesWriter())
+    w = BytesWriter()
+    send_pass(saver, StreamSink(w, saver.stats), w)
     passes(m)
     again = kvm_log(m)
     assert np.isin(plugged, again).all()

@@ -92,6 +92,8 @@ def test_multifd_migration_keeps_discard_promises(kind: str, channels: int, cont
         assert received.count() >= 160 * MiB // 4096
         # nothing read or grown on the source, nothing populated in unplugged memory here
         assert unplugged_allocation(cs) == 0 and total_allocation(cs) <= before_total
+        dram = cd.query_migrate()["ram"]
+        assert dram["unplugged-pages-received"] == 0 and dram["unplugged-bytes-populated"] == 0
         assert unplugged_allocation(cd) == 0
         cd.cont()
         written = dst.workload.pages_written

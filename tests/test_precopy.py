@@ -14,7 +14,7 @@ from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
-from livemig.migration.ram.save import RamSaver
+from livemig.migration.ram.state import RamState
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -94,6 +94,9 @@ def test_live_migration_keeps_discard_promises(kind: str, tmp_path: Path, pair) 
     # nothing discarded was read on the source, nothing grew, nothing populated on the destination
     assert unplugged_allocation(cs) == 0
     assert total_allocation(cs) <= before_total
+    # what the load itself did, measured before post_load discards unplugged ranges
+    dram = cd.query_migrate()["ram"]
+    assert dram["unplugged-pages-received"] == 0 and dram["unplugged-bytes-populated"] == 0
     assert unplugged_allocation(cd) == 0
     ram = info["ram"]
     assert ram["discarded-skipped-bytes"] == 2 * GiB - 160 * MiB
@@ -121,7 +124,7 @@ def test_discarded_ranges_leave_the_dirty_log_after_the_first_sync() -> None:
         m.accel.write(plugged_gpa, b"\x66" * 4096)
         page = (unplugged_gpa - mr.addr) // 4096
         assert log.peek(mr.block).test(page)
-        saver = RamSaver(m.memory.regions, log)
+        saver = RamState(m.memory.regions, log)
         saver.init_bitmaps(start_log=False)  # sync first, then clear discarded
         discarded = Bitmap(mr.block.pages)
         offs, sizes = vmem.discarded_runs(Section(mr, 0, mr.size))

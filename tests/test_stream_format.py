@@ -1077,10 +1077,13 @@ def test_whole_stream_corruptions_are_stream_errors() -> None:
             pass
 
 
-def _walk_like_analyze_migration(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+def _walk_like_analyze_migration(
+    raw: bytes, ids: list[tuple[int, int, str]] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """Parse a stream the way ``scripts/analyze-migration.py`` does (reference 4.3): find
     the JSON from the end, then step over every vmstate purely by the sizes and
-    subsections the JSON declares. Returns the device values it saw, by field name."""
+    subsections the JSON declares. Returns the device values it saw, by field name;
+    ``ids`` collects (section type, section id, name) of every section header."""
     nul = raw.rfind(b"\0")
     jpos = raw.find(b"{", nul)
     assert raw[jpos - 5] == SectionType.VMDESCRIPTION
@@ -1145,12 +1148,16 @@ def _walk_like_analyze_migration(raw: bytes) -> list[tuple[str, dict[str, Any]]]
             name = take(u(1)).decode()
             instance = u(4)
             u(4)
+            if ids is not None:
+                ids.append((t, section_id, name))
             if name == "ram":
                 ram()
             else:
                 seen.append((name, walk(devices[(name, instance)])))
         elif t in (SectionType.PART, SectionType.END):
             section_id = u(4)
+            if ids is not None:
+                ids.append((t, section_id, ""))
             ram()
         elif t == SectionType.COMMAND:
             assert u(2) == MigCommand.SWITCHOVER_START and u(2) == 0

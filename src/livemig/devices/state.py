@@ -20,7 +20,7 @@ component may need to decide what to do (QEMU's components ask globals such as
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from livemig.devices.vmstate import DecodeError, StateReader, VMStateDescription, decode
@@ -30,14 +30,22 @@ __all__ = ["DecodeError", "LoadContext", "StateRegistry", "StateSection"]
 
 @dataclass
 class LoadContext:
-    """What a loading component may need to know about the incoming migration.
+    """What a loading component may need to know about the incoming migration, and
+    where it reports what it found.
 
     ``postcopy``: RAM pages will still arrive after the device state (postcopy), so a
     component must not discard or populate guest memory now (virtio-mem's ``post_load``
     skips discarding unplugged ranges then; faults on them are answered locally).
+    ``figures``: numbers a component measured while loading (:meth:`report`); the
+    destination shows them in ``query-migrate`` — audits of what the load itself did,
+    taken before a later step (a discard) could tidy the evidence away.
     """
 
     postcopy: bool = False
+    figures: dict[str, int] = field(default_factory=dict)
+
+    def report(self, name: str, value: int) -> None:
+        self.figures[name] = self.figures.get(name, 0) + int(value)
 
 
 LoadFn = Callable[[StateReader, int, LoadContext], None]

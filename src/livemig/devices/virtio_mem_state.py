@@ -248,6 +248,11 @@ class _Loader:
             "usable_region_size": values["usable_region_size"],
             "requested_size": values["requested_size"],
         }
+        if not ctx.postcopy:
+            # what the load put into unplugged memory, measured before post_load discards
+            # it: a destination must never populate there (reference 3.8)
+            offs, sizes = vm.run_arrays(vm.mr.whole(), False)
+            ctx.report("unplugged-bytes-populated", vm.mr.block.allocated_in_runs(offs, sizes))
         try:
             vm.load_state(state, postcopy=ctx.postcopy)
         except VirtioMemError as e:

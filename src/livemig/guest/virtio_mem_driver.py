@@ -110,6 +110,11 @@ class VirtioMemDriver:
         return self._idle.wait(timeout)
 
     @property
+    def settled(self) -> bool:
+        """Plugged size equals requested size and the driver has nothing left to do."""
+        return self._idle.is_set()
+
+    @property
     def plugged_size(self) -> int:
         return int(np.count_nonzero(self.plugged)) * self.block_size
 

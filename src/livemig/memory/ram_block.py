@@ -190,6 +190,34 @@ class RAMBlock:
             return sum(e - s for s, e in self.data_extents(offset, length))
         return hostmem.resident_bytes(self.host + offset, length)
 
+    def allocated_in_runs(self, offsets: np.ndarray, lengths: np.ndarray) -> int:
+        """Host memory backing the byte runs ``(offsets, lengths)`` (sorted, disjoint).
+
+        fd-backed: one walk of the file's data extents intersected with the runs; private
+        anonymous: resident pages, run by run.
+        """
+        offsets = np.asarray(offsets, np.int64)
+        lengths = np.asarray(lengths, np.int64)
+        if not len(offsets):
+            return 0
+        if self.fd < 0:
+            return sum(self.allocated_bytes(o, n) for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True))
+        lo, hi = int(offsets[0]), int(offsets[-1] + lengths[-1])
+        ext = np.asarray(list(self.data_extents(lo, hi - lo)), np.int64).reshape(-1, 2)
+        if not len(ext):
+            return 0
+        starts, sizes = ext[:, 0], ext[:, 1] - ext[:, 0]
+        before = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+
+        def data_below(x: np.ndarray) -> np.ndarray:
+            """Bytes of data extents below each offset ``x``."""
+            i = np.searchsorted(starts, x, side="right") - 1
+            j = np.maximum(i, 0)
+            inside = np.clip(x - starts[j], 0, sizes[j])
+            return np.where(i >= 0, before[j] + inside, 0)
+
+        return int((data_below(offsets + lengths) - data_below(offsets)).sum())
+
     def close(self) -> None:
         """Give the memory back and unmap; the block is unusable afterwards.
 

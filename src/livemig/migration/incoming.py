@@ -25,14 +25,19 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from livemig.devices.state import LoadContext, StateSection
 from livemig.migration.channels import Listener, MigrationURI, open_file_for_read
 from livemig.migration.core import status
+from livemig.migration.core.deadline import Deadline
 from livemig.migration.core.job import MigrationJob
 from livemig.migration.core.params import KNOWN_CAPABILITIES, Capabilities
 from livemig.migration.core.vm import MigratableVM
 from livemig.migration.ram.load import RamLoader
 from livemig.migration.ram.prefault import Prefaulter
+from livemig.migration.ram.state import TARGET_PAGE_BITS
+from livemig.migration.stream import return_path as rp
 from livemig.migration.stream import savevm
 from livemig.migration.stream.format import (
     RAM_IDSTR,
@@ -48,6 +53,8 @@ from livemig.migration.transport.tls_errors import TLSError
 log = logging.getLogger(__name__)
 
 READ_BUFFER = 4 << 20
+SETUP_DEADLINE = 10.0
+"""Seconds from the source's connection to the end of its configuration section."""
 VALIDATED_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
 """Capabilities that change the stream format: source and destination must agree."""
 
@@ -87,6 +94,7 @@ class IncomingMigration:
         self.fd = -1
         self.rp_lock = threading.Lock()  # one writer of the return path at a time
         self.rp_open = False
+        self.source_is_livemig = False  # from the configuration: X_FAILURE is understood
         self.multifd: Any = None  # multifd.MultifdReceiver while the multifd capability is on
         self.postcopy: Any = None  # postcopy.PostcopyIncoming with postcopy-ram
         # the modes, chosen by migration.modes: multifd accepts the main connection among
@@ -114,7 +122,7 @@ class IncomingMigration:
 
     def start(self) -> None:
         self.job.on_cleanup("listener", self.close_listener)
-        self.job.start(self._body, self._recover, "migration-dst", self._explain)
+        self.job.start(self._body, self._recover, "migration-dst", self._explain_and_tell)
 
     def cancel(self) -> None:
         self.job.cancel_requested.set()
@@ -137,7 +145,7 @@ class IncomingMigration:
         return listener
 
     def wake_main(self) -> None:
-        """Make a read blocked on the main channel return (a channel failed)."""
+        """Make a read blocked on the main channel return (a channel failed, a deadline)."""
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RD)
@@ -172,6 +180,7 @@ class IncomingMigration:
             self.multifd.finish()
         prefault.stop()
         prefault.release_unused(self.loader.maybe_data)
+        self.audit_unplugged()
         self.send_shut(0)
         self.vm.start_incoming_guest()
         if self.autostart:
@@ -181,6 +190,16 @@ class IncomingMigration:
 
     def _recover(self, final: str) -> None:
         self.send_shut(1)
+
+    def _explain_and_tell(self, e: BaseException) -> str:
+        """``error-desc``, also told to a livemig source before SHUT 1 (it shows it)."""
+        desc = self._explain(e)
+        if self.rp_open and self.source_is_livemig:
+            try:
+                self.send_rp(rp.failure(desc))
+            except (OSError, StreamError):
+                pass
+        return desc
 
     def _explain(self, e: BaseException) -> str:
         if self.multifd is not None and self.multifd.error:
@@ -213,6 +232,18 @@ class IncomingMigration:
             os.close(self.fd)
             self.fd = -1
 
+    def audit_unplugged(self) -> None:
+        """Count the pages of unplugged memory that got a record or a channel run: the
+        load's own evidence that the source sent nothing there (must be 0)."""
+        n = 0
+        for mr in self.vm.memory.regions:
+            if mr.rdm is None:
+                continue
+            offs, sizes = mr.rdm.discarded_runs(mr.whole())
+            starts = np.asarray(offs, np.int64) >> TARGET_PAGE_BITS
+            n += self.loader.received_in(mr.block, starts, np.asarray(sizes, np.int64) >> TARGET_PAGE_BITS)
+        self.load_ctx.report("unplugged-pages-received", n)
+
     def send_rp(self, data: bytes) -> None:
         """One return-path message (raises if the path is closed)."""
         sock = self.sock
@@ -231,14 +262,34 @@ class IncomingMigration:
 
     # -- the stream ------------------------------------------------------------------------
     def load_stream(self, r: QEMUFileReader) -> None:
+        if self.sock is not None:
+            # a peer that connects and then sends nothing (or a byte now and then) must not
+            # hold the destination: the header and configuration come within a deadline
+            with Deadline(SETUP_DEADLINE, self.wake_main, "the source's stream header") as d:
+                try:
+                    self._read_start(r)
+                except (OSError, StreamError) as e:
+                    if d.expired:
+                        raise StreamError(r.tell(), d.message()) from e
+                    raise
+        else:
+            self._read_start(r)
+        self._load_sections(r)
+
+    def _read_start(self, r: QEMUFileReader) -> None:
+        """The header and the configuration section, which must come first."""
         savevm.read_header(r)
         head = r.peek(1)
         if not head:
             raise StreamError(r.tell(), "truncated stream: wanted 1 bytes, got 0 (configuration)")
         if head[0] != SectionType.CONFIGURATION:
             raise StreamError(r.tell(), "Configuration section missing")
+        hdr = savevm.read_section_header(r)
+        self._check_configuration(r, hdr.offset)
+
+    def _load_sections(self, r: QEMUFileReader) -> None:
         ids: dict[int, str] = {}
-        seen_config = False
+        seen_config = True
         saw_ram = False
         loaded: set[str] = set()
         while True:
@@ -332,6 +383,7 @@ class IncomingMigration:
     def _check_configuration(self, r: QEMUFileReader, at: int) -> None:
         cfg = savevm.read_configuration(r)
         name = cfg["machine"]
+        self.source_is_livemig = name.startswith("livemig-")
         ours = self.vm.machine_type
         if name != ours:
             raise StreamError(at, f"Machine type received is '{name}' and local is '{ours}'")
@@ -378,6 +430,7 @@ class IncomingMigration:
                 "duplicate": ld.zero_records,
                 "normal-bytes": ld.bytes_loaded,
                 "page-size": 4096,
+                **self.load_ctx.figures,  # audits of the load (unplugged-*)
             }
             if self.postcopy is not None and self.postcopy.state:
                 out["ram"].update(self.postcopy.info())

@@ -15,6 +15,7 @@ from collections import deque
 import numpy as np
 
 from livemig.memory.ram_block import RAMBlock
+from livemig.migration.core.threads import join_for_good
 from livemig.migration.multifd.wire import POPULATE_CHUNK
 from livemig.migration.ram.state import TARGET_PAGE_BITS
 
@@ -107,4 +108,4 @@ class Populator:
             self._todo.clear()
             self._cond.notify_all()
         for t in self._threads:
-            t.join(timeout=5)
+            join_for_good(t)

@@ -30,6 +30,7 @@ import numpy as np
 
 from livemig.memory.ram_block import RAMBlock
 from livemig.migration.channels import Listener
+from livemig.migration.core.threads import join_for_good
 from livemig.migration.multifd.populate import Populator
 from livemig.migration.multifd.wire import (
     CHANNEL_WAIT_TIMEOUT,
@@ -456,9 +457,9 @@ class MultifdReceiver:
             shutdown_quietly(ch.sock)
         for ch in chans:
             if ch.thread.is_alive() and ch.thread is not threading.current_thread():
-                ch.thread.join(timeout=10)
+                join_for_good(ch.thread)
         if self._acceptor is not None and self._acceptor is not threading.current_thread():
-            self._acceptor.join(timeout=10)
+            join_for_good(self._acceptor)
         self.populator.stop()
 
     def close(self) -> None:

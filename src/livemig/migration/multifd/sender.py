@@ -35,6 +35,7 @@ import numpy as np
 
 from livemig.memory.bitmap import index_runs
 from livemig.migration.channels import connect
+from livemig.migration.core.threads import join_for_good
 from livemig.migration.multifd.wire import (
     CONNECT_TIMEOUT,
     EXT_ERR,
@@ -406,7 +407,7 @@ class MultifdSender:
             shutdown_quietly(ch.sock)
         for ch in self.channels:
             if ch.thread.is_alive():
-                ch.thread.join(timeout=10)
+                join_for_good(ch.thread)
             ch.sock.close()
         if stats is not None:
             self._fold_stats(stats)

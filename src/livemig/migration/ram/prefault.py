@@ -23,6 +23,7 @@ import threading
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
 from livemig.memory.region import MemoryRegion
+from livemig.migration.core.threads import join_for_good
 
 CHUNK = 2 << 20
 
@@ -108,4 +109,4 @@ class Prefaulter:
             self._stop = True
             self._cond.notify_all()
         for t in self._threads:
-            t.join(timeout=5)
+            join_for_good(t)

@@ -74,6 +74,10 @@ class RPMessage(IntEnum):
     RECV_BITMAP = 5
     RESUME_ACK = 6
     SWITCHOVER_ACK = 7
+    X_FAILURE = 0x4C00
+    """livemig's extension: the reason of a failed load (UTF-8), sent just before SHUT 1,
+    and only to a livemig source (its machine type starts with ``livemig-``), so that the
+    source can say *why* the destination refused the stream."""
 
 
 MIGRATION_RESUME_ACK_VALUE = 1

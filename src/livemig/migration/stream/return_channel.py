@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from livemig.migration.core.job import describe
+from livemig.migration.core.threads import join_for_good
 from livemig.migration.stream import return_path as rp
 from livemig.migration.stream.format import RPMessage
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
@@ -36,6 +37,7 @@ class ReturnPathReader:
         self.on_lost = on_lost  # called once if the path is lost before a verdict
         self.quiet = quiet  # a loss that is expected (cancel) is not an error
         self.result: int | None = None  # SHUT's value
+        self.reason: str | None = None  # why the destination failed (X_FAILURE), if it said
         self.error: str | None = None
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-rp", daemon=True)
@@ -44,9 +46,9 @@ class ReturnPathReader:
         self._thread.start()
         return self
 
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+    def join(self) -> None:
+        """Wait for the reader to end (the caller shut its socket down first)."""
+        join_for_good(self._thread)
 
     @property
     def alive(self) -> bool:
@@ -64,6 +66,9 @@ class ReturnPathReader:
                 if kind == RPMessage.SHUT:
                     self.result = rp.parse_shut(payload)
                     return
+                if kind == RPMessage.X_FAILURE:
+                    self.reason = rp.parse_failure(payload)
+                    continue
                 if self.handle is not None and self.handle(kind, payload, r):
                     continue
                 self.error = f"unexpected return-path message {kind}"

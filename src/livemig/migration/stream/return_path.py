@@ -12,7 +12,9 @@ Every message is ``be16 type, be16 len, payload`` (reference 5.1):
   (bit *i* is bit ``i % 8`` of byte ``i // 8``), ``size`` being the bit count rounded up
   to whole bytes and then to a multiple of 8, and the end mark ``be64
   0x0123456789abcdef``;
-* ``RESUME_ACK`` (6): ``be32 1``.
+* ``RESUME_ACK`` (6): ``be32 1``;
+* ``X_FAILURE`` (0x4C00, livemig's own): the UTF-8 reason of a failed load, sent right
+  before ``SHUT 1`` and only to a livemig source.
 
 Standard library only: the postcopy fault-handler process encodes page requests with it.
 """
@@ -72,6 +74,21 @@ def parse_shut(payload: bytes) -> int:
     if len(payload) < 4:
         raise ReturnPathError(f"SHUT with a {len(payload)}-byte payload")
     return struct.unpack_from(">I", payload)[0]
+
+
+MAX_FAILURE_TEXT = 4096
+
+
+def failure(reason: str) -> bytes:
+    """X_FAILURE: why the load failed (cut to :data:`MAX_FAILURE_TEXT` bytes)."""
+    data = reason.encode(errors="replace")[:MAX_FAILURE_TEXT]
+    return message(RPMessage.X_FAILURE, data)
+
+
+def parse_failure(payload: bytes) -> str:
+    if len(payload) > MAX_FAILURE_TEXT:
+        raise ReturnPathError(f"X_FAILURE with a {len(payload)}-byte reason")
+    return payload.decode(errors="replace")
 
 
 def resume_ack() -> bytes:
