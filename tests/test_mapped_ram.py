@@ -124,14 +124,14 @@ def blocks_of(path: Path) -> list[tuple[int, BlockFileLayout]]:
         hdr = savevm.read_section_header(r)
         assert hdr.idstr == "ram"
 
-        def entry(r: Any, at: int, name: str, length: int) -> None:
+        def entry(r: Any, e: Any) -> None:
             off = r.tell()
             _, _, bitmap, pages = HEADER.unpack(r.read_exact(HEADER.size))
-            lay = BlockFileLayout(name, length, bitmap, pages)
+            lay = BlockFileLayout(e.name, e.length, bitmap, pages)
             out.append((off, lay))
             r.seek(lay.end)
 
-        read_block_list(r, entry)
+        read_block_list(r, after_entry=entry)
     return out
 
 

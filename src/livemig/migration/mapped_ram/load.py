@@ -32,15 +32,17 @@ from livemig.migration.mapped_ram.layout import (
     read_bitmap,
     read_block_header,
 )
+from livemig.migration.ram.codec import BlockEntry
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
 
 DIRECT_RUNS = 64  # a window with up to this many runs is read run by run into guest RAM
 
 
 def read_block_entry(
-    blocks: dict[str, RAMBlock], fd: int, r: QEMUFileReader, at: int, name: str, length: int
+    blocks: dict[str, RAMBlock], fd: int, r: QEMUFileReader, e: BlockEntry
 ) -> tuple[RAMBlock, BlockFileLayout, Bitmap]:
     """The block, its layout and its present-pages bitmap, all checked."""
+    at, name, length = e.at, e.name, e.length
     block = blocks.get(name)
     if block is None:
         raise StreamError(at, f'Unknown ramblock "{name}", cannot accept migration')
@@ -117,8 +119,9 @@ class MappedRamLoader:
         inc.job.on_cleanup("mapped-ram channels", loader.close)
         return loader
 
-    def block_entry(self, r: QEMUFileReader, at: int, name: str, length: int) -> None:
-        block, lay, present = read_block_entry(self.blocks, self.inc.fd, r, at, name, length)
+    def block_entry(self, r: QEMUFileReader, e: BlockEntry) -> None:
+        block, lay, present = read_block_entry(self.blocks, self.inc.fd, r, e)
+        name = e.name
         if self.chans is None:
             self.chans = FileChannels(self.inc.fd, self.inc.uri.path, self.n, write=False, direct=self.direct)
         ld = self.inc.loader

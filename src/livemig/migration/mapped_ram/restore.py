@@ -59,6 +59,7 @@ from livemig.migration.mapped_ram.layout import (
 )
 from livemig.migration.mapped_ram.load import read_block_entry, window_pieces
 from livemig.migration.postcopy.placer import Placer, open_uffd, register_missing, unregister
+from livemig.migration.ram.codec import BlockEntry
 from livemig.migration.stream.qemu_file import QEMUFileReader
 
 WINDOW_PAGES = 512  # the background reader's unit: 2 MiB of the file per preadv
@@ -102,8 +103,9 @@ class InstantRestore:
         return r
 
     # -- 1. the block list ----------------------------------------------------------------------
-    def block_entry(self, r: QEMUFileReader, at: int, name: str, length: int) -> None:
-        block, lay, present = read_block_entry(self.blocks_by_name, self.inc.fd, r, at, name, length)
+    def block_entry(self, r: QEMUFileReader, e: BlockEntry) -> None:
+        block, lay, present = read_block_entry(self.blocks_by_name, self.inc.fd, r, e)
+        name, length = e.name, e.length
         if self.child == 0:
             self._start_handler()
         register_missing(self.uffd, block.host, block.used_length)

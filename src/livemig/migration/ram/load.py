@@ -27,7 +27,7 @@ import numpy as np
 
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.ram_block import RAMBlock
-from livemig.migration.ram.codec import RecordDecoder, expect_eos, read_block_list
+from livemig.migration.ram.codec import BlockEntry, RecordDecoder, expect_eos, read_block_list
 from livemig.migration.ram.prefault import Prefaulter
 from livemig.migration.ram.state import TARGET_PAGE_BITS
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
@@ -59,7 +59,7 @@ class RamLoader:
         self.on_flush: Callable[[int], None] | None = None
         # what a capability adds to each entry of the block list (mapped-ram: the block's
         # place in the file, whose pages it loads there); None: nothing
-        self.block_extra: Callable[[QEMUFileReader, int, str, int], None] | None = None
+        self.block_extra: Callable[[QEMUFileReader, BlockEntry], None] | None = None
         # blocks whose memory is not migrated (cpr-transfer hands it over): a record for
         # one of them is an error, as in QEMU
         self.ignored: frozenset[str] = frozenset()
@@ -71,21 +71,19 @@ class RamLoader:
     # -- set-up ----------------------------------------------------------------------------
     def load_setup(self, r: QEMUFileReader) -> None:
         """MEM_SIZE block list: every block must exist here with the same length."""
-        total, entries, end_at = read_block_list(r, self.block_extra)
-        seen: set[str] = set()
-        for at, name, length in entries:
-            block = self.blocks.get(name)
+        total, entries, end_at = read_block_list(r, after_entry=self.block_extra)  # names are distinct
+        for e in entries:
+            block = self.blocks.get(e.name)
             if block is None:
-                raise StreamError(at, f"Unknown ramblock \"{name}\", cannot accept migration")
-            if name in seen:
-                raise StreamError(at, f"RAM block \"{name}\" listed twice")
-            if length != block.used_length:
                 raise StreamError(
-                    at, f"Length mismatch: {name}: 0x{length:x} in != 0x{block.used_length:x}"
+                    e.at, f"Unknown ramblock \"{e.name}\", cannot accept migration"
                 )
-            seen.add(name)
+            if e.length != block.used_length:
+                raise StreamError(
+                    e.at, f"Length mismatch: {e.name}: 0x{e.length:x} in != 0x{block.used_length:x}"
+                )
         ours = sum(b.used_length for b in self.blocks.values())
-        if sum(e[2] for e in entries) != total or total != ours:
+        if sum(e.length for e in entries) != total or total != ours:
             raise StreamError(end_at, f"RAM size mismatch: stream has 0x{total:x} bytes, this VM 0x{ours:x}")
         expect_eos(r)
         self.decoder.start_section()
