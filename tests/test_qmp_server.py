@@ -26,7 +26,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from livemig.control import qmp_server
+from livemig.control import qmp_protocol, qmp_server
 from livemig.control.qmp_server import QMPError, QMPServer, QMPSocketError
 
 VERSION = (9, 1, 2)
@@ -524,8 +524,8 @@ def test_requests_are_framed_by_json_not_by_lines(server: QMPServer, sock_path: 
 def test_splitter_handles_any_chunking():
     stream = b' {"a": "}\\"{", "b": [1, {"c": 2}]}\n[3]  42\t"q\\\\"{"z":1}\n'
     expected = [{"a": '}"{', "b": [1, {"c": 2}]}, [3], 42, "q\\", {"z": 1}]
-    whole = qmp_server._JSONSplitter().feed(stream)
-    splitter = qmp_server._JSONSplitter()
+    whole = qmp_protocol.JSONSplitter().feed(stream)
+    splitter = qmp_protocol.JSONSplitter()
     bytewise = [piece for i in range(len(stream)) for piece in splitter.feed(stream[i : i + 1])]
     assert [json.loads(p) for p in whole] == expected
     assert [json.loads(p) for p in bytewise] == expected
@@ -541,7 +541,7 @@ def test_splitter_handles_any_chunking():
 def test_oversized_input_drops_only_that_client(
     server: QMPServer, sock_path: str, monkeypatch: pytest.MonkeyPatch, data: bytes, desc: str
 ):
-    monkeypatch.setattr(qmp_server, "_MAX_MESSAGE_BYTES", 1024)
+    monkeypatch.setattr(qmp_protocol, "MAX_MESSAGE_BYTES", 1024)
     other = Raw(sock_path, negotiate=True)
     raw = Raw(sock_path, negotiate=True)
     raw.send(data)
