@@ -18,7 +18,7 @@ from livemig.devices.virtio_mem import VirtioMemError
 from livemig.machine import Machine
 from livemig.memory.discard_manager import Section
 from livemig.migration import status
-from livemig.migration.channels import URIError, parse_uri
+from livemig.migration.channels import URIError, check_stream_path, parse_uri
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.outgoing import OutgoingMigration
 from livemig.migration.params import Capabilities, MigrationConfigError, Parameters
@@ -172,8 +172,13 @@ class VMController(PostcopyCommands):
                 raise QMPError(f"Cannot migrate a VM in state '{self.machine.runstate}'")
             try:
                 target = parse_uri(uri)
+                if target.scheme == "file":  # refuse a FIFO or /proc now, not in the thread
+                    check_stream_path(target.path, must_exist=False,
+                                      overwrite=bool(self.params.x_file_overwrite))
             except URIError as e:
                 raise QMPError(str(e)) from e
+            except OSError as e:
+                raise QMPError(f"file:{e.filename}: {e.strerror}") from e
             self._check_tls_source(target)
             self.check_postcopy_start(target)
             cls = BackgroundSnapshot if self.caps["background-snapshot"] else OutgoingMigration
@@ -197,6 +202,11 @@ class VMController(PostcopyCommands):
                 raise QMPError("The incoming migration has already been started")
             try:
                 target = parse_uri(uri)
+                if target.scheme == "file":  # a FIFO would block the open: refuse it now
+                    try:
+                        check_stream_path(target.path, must_exist=True)
+                    except OSError as e:
+                        raise URIError(f"file:{e.filename}: {e.strerror}") from e
                 tls = TLSServer.from_params(self.params, target)
                 self.incoming = IncomingMigration(
                     self.machine, target, self.caps, self.emit, autostart=self.autostart, tls=tls

@@ -1,0 +1,206 @@
+"""``livemig vm``: one VM process, controlled over QMP.
+
+Options mirror QEMU's where QEMU has them (``-m``/``--memory``, ``--virtio-mem`` with the
+device's property names, ``--qmp``, ``--incoming``, ``-S``), including QEMU's size rules
+(see :mod:`livemig.cli.sizes`).
+
+Once the VM is up (QMP listening, guest started or waiting for ``--incoming``) it prints
+one line to stderr::
+
+    livemig vm: ready, QMP unix:/run/vm1.qmp
+
+(with ``, incoming URI`` appended when it waits for a migration: the real port when
+``tcp:HOST:0`` was asked for). Scripts wait for this line instead of polling for the
+socket. Mistakes in the options print one line naming the option and exit 2; a failed
+incoming migration prints one line (``livemig vm: incoming migration failed: ...``)
+whatever ``--log`` says, and the VM stays in ``inmigrate``, ready for another
+``migrate-incoming``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from livemig.cli.errors import EXIT_USAGE, CLIError
+from livemig.cli.sizes import rate_mib, size_bytes, size_mib
+from livemig.control.qmp_address import QMPAddressError, parse_address
+
+_VIRTIO_MEM_HELP = (
+    "a virtio-mem device: id=vm0,size=8G[,requested-size=1G][,block-size=2M]"
+    "[,backend=memfd|anon][,memaddr=ADDR][,node=N]; sizes as QEMU's properties "
+    "(a bare number is bytes)"
+)
+
+
+def parse_virtio_mem(text: str) -> Any:
+    """``id=vm0,size=8G,requested-size=1G[,block-size=2M][,backend=memfd|anon][,memaddr=..]``."""
+    from livemig.machine import VirtioMemConfig
+
+    cfg = VirtioMemConfig()
+    seen = set()
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
+        seen.add(key)
+        try:
+            if key == "id":
+                cfg.id = value
+            elif key in ("size", "requested-size", "block-size"):
+                setattr(cfg, key.replace("-", "_"), size_bytes(value))
+            elif key == "backend":
+                cfg.backend = value
+            elif key == "memaddr":
+                cfg.memaddr = int(value, 0)
+            elif key == "node":
+                cfg.node = int(value)
+            else:
+                raise argparse.ArgumentTypeError(f"unknown property {key!r}")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}: invalid number {value!r}") from None
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{key}: {e}" if key not in str(e) else str(e)) from None
+    if "size" not in seen:
+        raise argparse.ArgumentTypeError("needs size=")
+    return cfg
+
+
+def qmp_address(text: str) -> str:
+    """``--qmp``: checked when the command line is read, so a typo is a usage error."""
+    try:
+        parse_address(text)
+    except QMPAddressError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("vm", help="run a VM process controlled over QMP",
+                       description="Run a VM process controlled over QMP.")
+    p.add_argument("--name", default="livemig", help="VM name (names its memfds)")
+    p.add_argument("--memory", "-m", type=size_mib, default=1 << 30, metavar="SIZE",
+                   help="base RAM, as QEMU's -m: 1G, 512M; a bare number is MiB (default 1G)")
+    p.add_argument("--ram-backend", choices=("memfd", "anon"), default="memfd",
+                   help="host memory behind base RAM (default memfd)")
+    p.add_argument("--virtio-mem", type=parse_virtio_mem, metavar="PROPS", help=_VIRTIO_MEM_HELP)
+    p.add_argument("--accel", default="auto", help="soft, kvm or auto (kvm where /dev/kvm works)")
+    p.add_argument("--qmp", required=True, type=qmp_address, metavar="ADDRESS",
+                   help="where QMP listens: unix:PATH (mode 0600) or tcp:HOST:PORT (no access "
+                   "control: use loopback); QEMU's ,server=on,wait=off are accepted")
+    p.add_argument("--incoming", metavar="URI",
+                   help="wait for a migration: tcp:HOST:PORT, unix:PATH, file:PATH, or defer "
+                   "(start it later with QMP migrate-incoming)")
+    p.add_argument("-S", dest="paused", action="store_true",
+                   help="do not start the guest (after an incoming migration: stay paused)")
+    p.add_argument("--vcpus", type=int, default=1, help="vCPUs of the guest (default 1)")
+    p.add_argument("--working-set", type=size_mib, default=0, metavar="SIZE",
+                   help="memory the workload touches; a bare number is MiB (default 0: all)")
+    p.add_argument("--dirty-rate", type=rate_mib, default=0, metavar="RATE",
+                   help="bytes per second the workload dirties, e.g. 64M; a bare number is "
+                   "MiB/s; 0 idles, max dirties as fast as it can (default 0)")
+    p.add_argument("--content", choices=("random", "zeros", "mixed"), default="random",
+                   help="what the workload writes (default random)")
+    p.add_argument("--no-prefill", action="store_true", help="do not write memory once at boot")
+    p.add_argument("--log", default="warning", choices=("debug", "info", "warning", "error", "critical"),
+                   help="log level on stderr (default warning)")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="TLS credentials directory (QEMU's x509 layout) for migrations")
+    p.add_argument("--tls-authz", metavar="NAMES",
+                   help="client certificate names an incoming migration accepts (a,b,...)")
+    p.set_defaults(func=cmd_vm)
+
+
+def build_machine(args: argparse.Namespace) -> Any:
+    from livemig.guest.workload import WorkloadConfig
+    from livemig.machine import Machine, MachineConfig
+
+    wl = WorkloadConfig(
+        vcpus=args.vcpus,
+        working_set=args.working_set,
+        dirty_rate=args.dirty_rate,
+        content=args.content,
+        prefill=not args.no_prefill,
+    )
+    cfg = MachineConfig(
+        name=args.name,
+        memory=args.memory,
+        ram_backend=args.ram_backend,
+        virtio_mem=args.virtio_mem,
+        accel=args.accel,
+        workload=wl,
+        incoming=args.incoming is not None,
+    )
+    return Machine(cfg)
+
+
+class _IncomingWatch:
+    """Says on stderr when an incoming migration fails: at the default log level a
+    destination would otherwise fail silently, its reason visible only over QMP."""
+
+    def __init__(self, ctl: Any) -> None:
+        self.ctl = ctl
+        self.reported: Any = None
+
+    def check(self) -> None:
+        inc = self.ctl.incoming
+        if inc is None or inc is self.reported or inc.status != "failed":
+            return
+        self.reported = inc
+        desc = self.ctl.query_migrate().get("error-desc", "unknown error")
+        print(f"livemig vm: incoming migration failed: {desc}", file=sys.stderr, flush=True)
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    from livemig.control.qmp_server import QMPError, QMPServer
+    from livemig.control.vm_controller import VMController
+    from livemig.migration.params import MigrationConfigError
+
+    logging.basicConfig(level=args.log.upper(), format="%(asctime)s %(name)s: %(message)s")
+    try:
+        machine = build_machine(args)
+    except ValueError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    try:
+        qmp = QMPServer(args.qmp)
+        ctl = VMController(machine, qmp, autostart=not args.paused)
+        tls_params = {k: v for k, v in (("tls-creds", args.tls_creds),
+                                        ("tls-authz", args.tls_authz)) if v}
+        if tls_params:  # before --incoming starts listening
+            try:
+                ctl.params.set(tls_params)
+            except MigrationConfigError as e:
+                raise CLIError(str(e), EXIT_USAGE) from None
+        try:
+            qmp.start()
+        except OSError as e:
+            raise CLIError(f"--qmp: {e}") from None
+    except BaseException:
+        machine.close()
+        raise
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: ctl.quit_requested.set())
+    try:
+        ready = f"livemig vm: ready, QMP {qmp.address}"
+        if args.incoming and args.incoming != "defer":
+            try:
+                ctl.migrate_incoming(args.incoming)
+            except QMPError as e:
+                raise CLIError(f"--incoming: {e}") from None
+            ready += f", incoming {ctl.incoming.uri}"
+        elif not args.incoming and not args.paused:
+            machine.start()
+        print(ready, file=sys.stderr, flush=True)
+        watch = _IncomingWatch(ctl)
+        while not ctl.quit_requested.wait(0.2):
+            watch.check()
+        time.sleep(0.1)  # let the reply to 'quit' reach the client, as QEMU answers first
+    finally:
+        qmp.stop()
+        machine.close()
+    return 0
+
