@@ -177,7 +177,7 @@ def run_demo(args: argparse.Namespace) -> int:
     args.vcpus = 1 if kvm else 2
     _check_sizes(args)
     tmp = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
-    ok = False
+    ok = kept = False
     vms: list[_VM] = []
     try:
         uri = args.uri or f"tcp:127.0.0.1:{_free_port()}"
@@ -190,12 +190,15 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         ok = _migrate_and_check(src, dst, uri, args, console)
         return 0 if ok else EXIT_FAILED
+    except CLIError as e:  # one line: what went wrong, and where to look
+        kept = True
+        raise CLIError(f"{e}; the VMs' logs are kept in {tmp}", e.code) from None
     finally:
         for vm in vms:
             vm.stop()
         if ok:
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        elif not kept:
             print(f"livemig demo: the VMs' logs are kept in {tmp}", file=sys.stderr)
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 from livemig.cli.errors import EXIT_INTERRUPTED, CLIError, open_qmp, qmp_call
@@ -28,49 +29,74 @@ FINISHED = ("completed", "failed", "cancelled")
 
 
 def _bar(**kwargs: Any) -> Progress:
+    """On stderr: stdout carries the result (``--json`` output stays clean)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
         TextColumn("{task.fields[note]}"),
         TimeElapsedColumn(),
+        console=Console(stderr=True),
         **kwargs,
     )
+
+
+class MigrationBar:
+    """Where the bar of a migration stands after a ``query-migrate`` reply: ``(total,
+    completed)``, total None until the first pass's size is known, then fixed."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+
+    def update(self, info: dict[str, Any]) -> tuple[int | None, int]:
+        st = info.get("status", "none")
+        ram = info.get("ram", {})
+        sent, remaining = ram.get("transferred", 0), ram.get("remaining", 0)
+        if self.total is None and (remaining > 0 or st == "completed"):
+            self.total = max(sent + remaining, 1)  # fixed from here on
+        if st == "completed":
+            return self.total, self.total or 0
+        return self.total, max((self.total or 0) - remaining, 0)
+
+
+class RestoreBar:
+    """The bar of a restore from a file of ``size`` bytes: bytes loaded, full once the
+    load completed (the rest of the file is framing and device state)."""
+
+    def __init__(self, size: int | None) -> None:
+        self.total = size
+
+    def update(self, info: dict[str, Any]) -> tuple[int | None, int]:
+        loaded = info.get("ram", {}).get("transferred", 0)
+        if info.get("status") == "completed" and self.total:
+            loaded = self.total
+        return self.total, loaded
 
 
 def follow_migration(client: QMPClient, title: str, poll: float = 0.1) -> dict[str, Any]:
     """Poll ``query-migrate`` with a progress bar until the migration ends; return the
     last reply. KeyboardInterrupt propagates (the caller decides what Ctrl-C means)."""
-    with _bar(transient=False) as progress:
-        task = progress.add_task(title, total=None, note="setup")
-        total: int | None = None
-        while True:
-            info = qmp_call(client, "query-migrate")
-            st = info.get("status", "none")
-            ram = info.get("ram", {})
-            sent, remaining = ram.get("transferred", 0), ram.get("remaining", 0)
-            if total is None and (remaining > 0 or st == "completed"):
-                total = max(sent + remaining, 1)  # fixed from here on
-                progress.update(task, total=total)
-            done = total if st == "completed" else max((total or 0) - remaining, 0)
-            progress.update(task, completed=done, note=f"{st}, sent {format_bytes(sent)}")
-            if st in FINISHED or st == "none":
-                return dict(info)
-            time.sleep(poll)
+    return _follow(client, title, MigrationBar(), poll, done=(*FINISHED, "none"))
 
 
 def follow_restore(client: QMPClient, title: str, size: int | None, poll: float = 0.1) -> dict[str, Any]:
     """Poll an incoming migration from a file of ``size`` bytes until it ends."""
+    return _follow(client, title, RestoreBar(size), poll, done=FINISHED)
+
+
+def _follow(client: QMPClient, title: str, bar: MigrationBar | RestoreBar, poll: float,
+            done: tuple[str, ...]) -> dict[str, Any]:
     with _bar() as progress:
-        task = progress.add_task(title, total=size, note="setup")
+        task = progress.add_task(title, total=bar.total, note="setup")
         while True:
             info = qmp_call(client, "query-migrate")
             st = info.get("status", "none")
-            loaded = info.get("ram", {}).get("transferred", 0)
-            if st == "completed" and size:
-                loaded = size  # the rest of the file is framing and device state
-            progress.update(task, completed=loaded, note=st)
-            if st in FINISHED:
+            total, completed = bar.update(info)
+            note = st
+            if isinstance(bar, MigrationBar):
+                note += f", sent {format_bytes(info.get('ram', {}).get('transferred', 0))}"
+            progress.update(task, total=total, completed=completed, note=note)
+            if st in done:
                 return dict(info)
             time.sleep(poll)
 

@@ -48,23 +48,22 @@ def parse_virtio_mem(text: str) -> Any:
         if not sep:
             raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
         seen.add(key)
-        try:
-            if key == "id":
-                cfg.id = value
-            elif key in ("size", "requested-size", "block-size"):
+        if key == "id":
+            cfg.id = value
+        elif key in ("size", "requested-size", "block-size"):
+            try:
                 setattr(cfg, key.replace("-", "_"), size_bytes(value))
-            elif key == "backend":
-                cfg.backend = value
-            elif key == "memaddr":
-                cfg.memaddr = int(value, 0)
-            elif key == "node":
-                cfg.node = int(value)
-            else:
-                raise argparse.ArgumentTypeError(f"unknown property {key!r}")
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{key}: invalid number {value!r}") from None
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentTypeError(f"{key}: {e}" if key not in str(e) else str(e)) from None
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"{key}: {e}") from None
+        elif key == "backend":
+            cfg.backend = value
+        elif key in ("memaddr", "node"):
+            try:
+                setattr(cfg, key, int(value, 0))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{key}: invalid number {value!r}") from None
+        else:
+            raise argparse.ArgumentTypeError(f"unknown property {key!r}")
     if "size" not in seen:
         raise argparse.ArgumentTypeError("needs size=")
     return cfg
