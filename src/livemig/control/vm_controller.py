@@ -324,5 +324,5 @@ class VMController(PostcopyCommands):
             "fill-done": wl.fill_done.is_set(),
             "discarded-writes": m.accel.discarded_writes,
             "driver-plugged": m.driver.plugged_size if m.driver else 0,
-            "driver-settled": bool(m.driver and m.driver._idle.is_set()),
+            "driver-settled": bool(m.driver and m.driver.wait_settled(0)),
         }
