@@ -30,9 +30,9 @@ from livemig.cli import parse_size  # noqa: E402
 from livemig.memory.ram_block import RAMBlock  # noqa: E402
 from livemig.memory.region import MemoryRegion  # noqa: E402
 from livemig.migration import multifd  # noqa: E402
-from livemig.migration.qemu_file import BytesWriter  # noqa: E402
-from livemig.migration.ram_load import RamLoader  # noqa: E402
-from livemig.migration.ram_save import RamSaver  # noqa: E402
+from livemig.migration.ram.load import RamLoader  # noqa: E402
+from livemig.migration.ram.save import RamSaver  # noqa: E402
+from livemig.migration.stream.qemu_file import BytesWriter  # noqa: E402
 
 CHUNK = 16 << 20
 

@@ -156,7 +156,7 @@ def bench_setup(repeats: int = 7) -> dict:
     from livemig.memory.dirty_log import BitmapDirtyLog
     from livemig.memory.ram_block import RAMBlock
     from livemig.memory.region import GuestMemoryMap, MemoryRegion
-    from livemig.migration.ram_save import RamSaver
+    from livemig.migration.ram.save import RamSaver
 
     tib, bs = 1 << 40, 2 * MiB
     gm = GuestMemoryMap()

@@ -30,10 +30,10 @@ from livemig.devices import vmstate
 from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory.ram_block import RAMBlock
-from livemig.migration import savevm
-from livemig.migration.format import MigCommand, RamFlag, SectionType
 from livemig.migration.outgoing import OutgoingMigration
-from livemig.migration.qemu_file import StreamError, bytes_reader, bytes_writer
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import MigCommand, RamFlag, SectionType
+from livemig.migration.stream.qemu_file import StreamError, bytes_reader, bytes_writer
 
 MiB = 1 << 20
 GiB = 1 << 30

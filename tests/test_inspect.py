@@ -29,8 +29,8 @@ from livemig.cli.inspect import main
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
-from livemig.migration.format import RamFlag
 from livemig.migration.inspect import StreamReport, check_discard, inspect_stream
+from livemig.migration.stream.format import RamFlag
 
 MiB, GiB = 1 << 20, 1 << 30
 PAGE = 4096
@@ -587,9 +587,9 @@ def _qemu8_like_stream(path: Path, mem_block: str, other_block: str) -> dict[str
     field entry itself), the late VirtIO state as one opaque ``virtio`` field, and a
     generic device with an array, a bool and a subsection. Both RAM blocks are 1 GiB, so
     only names tell which one is the device's. Returns landmark offsets."""
-    from livemig.migration import savevm
-    from livemig.migration.format import MigCommand, SectionType
-    from livemig.migration.qemu_file import bytes_writer, open_writer
+    from livemig.migration.stream import savevm
+    from livemig.migration.stream.format import MigCommand, SectionType
+    from livemig.migration.stream.qemu_file import bytes_writer, open_writer
 
     dev = "0000:00:03.0"
     addr, region, nbits = 4 * GiB, 1 * GiB, 512

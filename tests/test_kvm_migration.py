@@ -28,8 +28,8 @@ from livemig.control.vm_controller import VMController  # noqa: E402
 from livemig.guest.workload import WorkloadConfig  # noqa: E402
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig  # noqa: E402
 from livemig.memory.ram_block import RAMBlock  # noqa: E402
-from livemig.migration.qemu_file import BytesWriter  # noqa: E402
-from livemig.migration.ram_save import RamSaver  # noqa: E402
+from livemig.migration.ram.save import RamSaver  # noqa: E402
+from livemig.migration.stream.qemu_file import BytesWriter  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 PAGE = 4096
@@ -315,7 +315,7 @@ def test_postcopy_migration_of_running_kvm_guest(tmp_path: Path) -> None:
     """The destination vCPU runs with pages missing: it faults inside KVM_RUN on memory
     registered with userfaultfd, and the fault handler process places the pages."""
     from livemig.memory.discard_manager import Section
-    from livemig.migration import postcopy_uffd
+    from livemig.migration.postcopy import placer as postcopy_uffd
 
     if (why := postcopy_uffd.available()) is not None:
         pytest.skip(f"no userfaultfd ({why})")

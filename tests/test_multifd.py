@@ -12,7 +12,7 @@ from test_precopy import GiB, MiB, boot, machine, total_allocation, unplugged_al
 from livemig.control.vm_controller import VMController
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
-from livemig.migration import multifd
+from livemig.migration.multifd import channels as multifd
 
 MULTIFD = [{"capability": "multifd", "state": True}]
 
@@ -38,7 +38,7 @@ def discarded_bitmap(m) -> Bitmap:  # noqa: ANN001
 @pytest.fixture
 def pipes(monkeypatch) -> list:  # noqa: ANN001
     """Every splice_io.PipeSplicer made during the test (one per channel and side using it)."""
-    from livemig.migration import splice_io
+    from livemig.migration.ram import splice_io
 
     made: list[object] = []
     real = splice_io.PipeSplicer
@@ -206,7 +206,7 @@ def test_channel_format_rejects_pages_outside_the_block() -> None:
     """A channel packet with a run beyond the block fails the load, naming the channel."""
     m = machine(True, dirty_rate=0)
     try:
-        from livemig.migration.ram_load import RamLoader
+        from livemig.migration.ram.load import RamLoader
 
         loader = RamLoader(m.blocks)
         rx = multifd.MultifdReceiver(loader)
@@ -301,7 +301,7 @@ def test_nonzero_pages_finds_any_nonzero_byte() -> None:
 def test_pipe_splicer_moves_memory_to_a_file_without_clearing_it() -> None:
     """vmsplice + splice from one block's memory to another block's file, over a socket."""
     from livemig.memory.ram_block import RAMBlock
-    from livemig.migration import splice_io
+    from livemig.migration.ram import splice_io
 
     src, dst = RAMBlock("s", 8 * MiB), RAMBlock("d", 8 * MiB)
     a, b = socket.socketpair()

@@ -27,7 +27,7 @@ from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
-from livemig.migration import postcopy_uffd
+from livemig.migration.postcopy import placer as postcopy_uffd
 
 MiB, GiB = 1 << 20, 1 << 30
 PLUGGED = 160 * MiB
@@ -411,7 +411,7 @@ def test_postcopy_ram_without_the_switch_completes_in_precopy(pair) -> None:  # 
 
 def test_recv_bitmap_wire_format() -> None:
     """Reference 5.1: little-endian bitmap, size rounded to 8 bytes, end mark."""
-    from livemig.migration import return_path as rp
+    from livemig.migration.stream import return_path as rp
 
     assert rp.recv_bitmap_size(1) == 8
     assert rp.recv_bitmap_size(64) == 8
@@ -429,9 +429,9 @@ def test_return_path_framing() -> None:
     are skipped, a SHUT too short to hold its value is an error, not a crash."""
     import io
 
-    from livemig.migration import return_path as rp
-    from livemig.migration.format import RPMessage
-    from livemig.migration.qemu_file import QEMUFileReader, StreamError
+    from livemig.migration.stream import return_path as rp
+    from livemig.migration.stream.format import RPMessage
+    from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
 
     data = (rp.message(RPMessage.PONG, bytes(4)) + rp.req_pages(4096, 8192, "pc.ram")
             + rp.shut(False) + rp.message(RPMessage.SHUT, b"\x00"))

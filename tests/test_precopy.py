@@ -14,7 +14,7 @@ from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
-from livemig.migration.ram_save import RamSaver
+from livemig.migration.ram.save import RamSaver
 
 MiB, GiB = 1 << 20, 1 << 30
 

@@ -25,17 +25,17 @@ from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
+from livemig.memory import userfaultfd as uf
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
-from livemig.migration import snapshot
-from livemig.migration import userfaultfd as uf
-from livemig.migration.inspect import check_discard, inspect_stream
-from livemig.migration.params import (
+from livemig.migration.core.params import (
     BACKGROUND_SNAPSHOT_INCOMPATIBLE,
     MigrationConfigError,
     check_background_snapshot,
 )
-from livemig.migration.snapshot import BackgroundSnapshot
+from livemig.migration.inspect import check_discard, inspect_stream
+from livemig.migration.snapshot import snapshot
+from livemig.migration.snapshot.snapshot import BackgroundSnapshot
 
 MiB, GiB = 1 << 20, 1 << 30
 PAGE = 4096

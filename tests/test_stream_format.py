@@ -28,15 +28,15 @@ from livemig.devices.vmstate import (
     vmdesc_entry,
 )
 from livemig.memory.bitmap import Bitmap
-from livemig.migration import savevm
-from livemig.migration.format import (
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import (
     FILE_MAGIC,
     MigCommand,
     RamFlag,
     RPMessage,
     SectionType,
 )
-from livemig.migration.qemu_file import (
+from livemig.migration.stream.qemu_file import (
     DIRECT_IO_MIN,
     QEMUFileReader,
     QEMUFileWriter,

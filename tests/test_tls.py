@@ -27,7 +27,7 @@ from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.migration import tls
 from livemig.migration.channels import Listener, MigrationURI, connect
-from livemig.migration.params import SUPPORTED_CAPABILITIES, Parameters
+from livemig.migration.core.params import SUPPORTED_CAPABILITIES, Parameters
 
 tls_certs = pytest.importorskip("livemig.migration.tls_certs")
 
@@ -132,7 +132,7 @@ def test_parameters_are_set_and_queried_on_both_sides(creds: Creds, tmp_path: Pa
     assert q["tls-creds"] == creds.good and q["tls-hostname"] == "dst.example"
     assert q["tls-authz"] == "a, b" and q["x-file-overwrite"] is True
     assert tls.parse_authz(q["tls-authz"]) == {"a", "b"}
-    from livemig.migration.params import MigrationConfigError
+    from livemig.migration.core.params import MigrationConfigError
 
     with pytest.raises(MigrationConfigError, match="is not a directory"):
         p.set({"tls-creds": str(tmp_path / "missing")})
@@ -609,7 +609,7 @@ def _postcopy_missing() -> str | None:
     if "postcopy-ram" not in SUPPORTED_CAPABILITIES:
         return "postcopy has not landed"
     try:
-        from livemig.migration import postcopy_uffd
+        from livemig.migration.postcopy import placer as postcopy_uffd
     except ImportError:
         return "postcopy has not landed"
     return postcopy_uffd.available()

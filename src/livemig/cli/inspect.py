@@ -36,7 +36,7 @@ from livemig.migration.inspect import (
     check_discard,
     inspect_stream,
 )
-from livemig.migration.qemu_file import StreamError
+from livemig.migration.stream.qemu_file import StreamError
 
 EXIT_OK = 0
 EXIT_VIOLATIONS = 1

@@ -157,7 +157,7 @@ class _IncomingWatch:
 def cmd_vm(args: argparse.Namespace) -> int:
     from livemig.control.qmp_server import QMPError, QMPServer
     from livemig.control.vm_controller import VMController
-    from livemig.migration.params import MigrationConfigError
+    from livemig.migration.core.params import MigrationConfigError
 
     logging.basicConfig(level=args.log.upper(), format="%(asctime)s %(name)s: %(message)s")
     try:

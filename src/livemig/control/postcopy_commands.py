@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from livemig.control.qmp_server import QMPError
-from livemig.migration import status
 from livemig.migration.channels import URIError, parse_uri
+from livemig.migration.core import status
 
 POSTCOPY_COMMANDS = ("migrate-start-postcopy", "migrate-pause", "migrate-recover")
 

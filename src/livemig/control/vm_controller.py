@@ -17,12 +17,12 @@ from livemig.control.qmp_server import QMPError, QMPServer
 from livemig.devices.virtio_mem import VirtioMemError
 from livemig.machine import Machine
 from livemig.memory.discard_manager import Section
-from livemig.migration import status
 from livemig.migration.channels import URIError, check_stream_path, parse_uri
+from livemig.migration.core import status
+from livemig.migration.core.params import Capabilities, MigrationConfigError, Parameters
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.outgoing import OutgoingMigration
-from livemig.migration.params import Capabilities, MigrationConfigError, Parameters
-from livemig.migration.snapshot import BackgroundSnapshot, write_tracking_problem
+from livemig.migration.snapshot.snapshot import BackgroundSnapshot, write_tracking_problem
 from livemig.migration.tls import TLSClient, TLSConfigError, TLSServer
 
 log = logging.getLogger(__name__)

@@ -20,14 +20,21 @@ from typing import Any
 
 from livemig.devices.state import LoadContext, StateSection
 from livemig.machine import Machine
-from livemig.migration import savevm, status
 from livemig.migration.channels import Listener, MigrationURI, open_file_for_read
-from livemig.migration.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessage, SectionType
-from livemig.migration.params import KNOWN_CAPABILITIES, Capabilities
-from livemig.migration.postcopy import POSTCOPY_COMMANDS, incoming_command
-from livemig.migration.prefault import Prefaulter
-from livemig.migration.qemu_file import QEMUFileReader, StreamError
-from livemig.migration.ram_load import RamLoader
+from livemig.migration.core import status
+from livemig.migration.core.params import KNOWN_CAPABILITIES, Capabilities
+from livemig.migration.postcopy.destination import POSTCOPY_COMMANDS, incoming_command
+from livemig.migration.ram.load import RamLoader
+from livemig.migration.ram.prefault import Prefaulter
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import (
+    RAM_IDSTR,
+    RAM_VERSION,
+    MigCommand,
+    RPMessage,
+    SectionType,
+)
+from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
 from livemig.migration.tls import TLSError, TLSServer
 
 log = logging.getLogger(__name__)
@@ -158,12 +165,12 @@ class IncomingMigration:
         """The main connection; with multifd, channels are accepted around it (multifd.py)."""
         assert self._listener is not None
         if self.caps["multifd"]:
-            from livemig.migration.multifd import MultifdReceiver
+            from livemig.migration.multifd.channels import MultifdReceiver
 
             return MultifdReceiver.attach(self)
         sock = self._listener.accept()
         if self.caps["postcopy-ram"]:  # capabilities as set when the source connects
-            from livemig.migration.postcopy import PostcopyIncoming
+            from livemig.migration.postcopy.destination import PostcopyIncoming
 
             self.postcopy = PostcopyIncoming(self)
             self.postcopy.listener, self._listener = self._listener, None  # postcopy channel

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from livemig.memory.bitmap import Bitmap, words_for
-from livemig.migration.format import (
+from livemig.migration.stream.format import (
     DEFAULT_TARGET_PAGE_SIZE,
     RAM_FLAG_REMOVED_COMPRESS_PAGE,
     RAM_IDSTR,
@@ -57,8 +57,13 @@ from livemig.migration.format import (
     RamFlag,
     SectionType,
 )
-from livemig.migration.qemu_file import QEMUFileReader, StreamError, bytes_reader, open_reader
-from livemig.migration.savevm import (
+from livemig.migration.stream.qemu_file import (
+    QEMUFileReader,
+    StreamError,
+    bytes_reader,
+    open_reader,
+)
+from livemig.migration.stream.savevm import (
     MAX_VMDESC,
     SectionHeader,
     check_footer,

@@ -28,14 +28,21 @@ import time
 from typing import Any
 
 from livemig.machine import Machine
-from livemig.migration import return_path as rp
-from livemig.migration import savevm, status
 from livemig.migration.channels import MigrationURI, connect, open_file_for_write
-from livemig.migration.format import RAM_IDSTR, RAM_VERSION, MigCommand, RPMessage, SectionType
-from livemig.migration.params import Capabilities, Parameters
-from livemig.migration.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
-from livemig.migration.ram_save import TARGET_PAGE_SIZE, RamSaver
-from livemig.migration.sections import SectionTable
+from livemig.migration.core import status
+from livemig.migration.core.params import Capabilities, Parameters
+from livemig.migration.ram.save import TARGET_PAGE_SIZE, RamSaver
+from livemig.migration.stream import return_path as rp
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import (
+    RAM_IDSTR,
+    RAM_VERSION,
+    MigCommand,
+    RPMessage,
+    SectionType,
+)
+from livemig.migration.stream.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
+from livemig.migration.stream.sections import SectionTable
 from livemig.migration.tls import TLSClient
 
 log = logging.getLogger(__name__)
@@ -97,7 +104,7 @@ class OutgoingMigration:
         self.multifd: Any = None  # multifd.MultifdSender while the multifd capability is on
         self.postcopy: Any = None  # postcopy_source.PostcopySource with postcopy-ram
         if caps["postcopy-ram"]:
-            from livemig.migration.postcopy_source import PostcopySource
+            from livemig.migration.postcopy.source import PostcopySource
 
             self.postcopy = PostcopySource(self)
         self.done = threading.Event()
@@ -329,7 +336,7 @@ class OutgoingMigration:
     def _start_multifd(self) -> None:
         """multifd: open the channels; RAM pages travel on them (see multifd.py)."""
         if self.caps["multifd"]:
-            from livemig.migration.multifd import MultifdSender
+            from livemig.migration.multifd.channels import MultifdSender
 
             self.multifd = MultifdSender.attach(self)
 

@@ -52,17 +52,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemig.memory.ram_block import RAMBlock
-from livemig.migration import splice_io
 from livemig.migration.channels import Listener, connect
-from livemig.migration.format import RamFlag
-from livemig.migration.qemu_file import QEMUFileWriter, StreamError
-from livemig.migration.ram_save import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from livemig.migration.ram import splice_io
+from livemig.migration.ram.save import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from livemig.migration.stream.format import RamFlag
+from livemig.migration.stream.qemu_file import QEMUFileWriter, StreamError
 
 if TYPE_CHECKING:
     from livemig.migration.incoming import IncomingMigration
     from livemig.migration.outgoing import OutgoingMigration
-    from livemig.migration.ram_load import RamLoader
-    from livemig.migration.ram_save import BlockSaveState
+    from livemig.migration.ram.load import RamLoader
+    from livemig.migration.ram.save import BlockSaveState
 
 log = logging.getLogger(__name__)
 

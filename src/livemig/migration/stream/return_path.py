@@ -23,7 +23,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from livemig.migration.format import (
+from livemig.migration.stream.format import (
     MIGRATION_RESUME_ACK_VALUE,
     RAMBLOCK_RECV_BITMAP_ENDING,
     RPMessage,

@@ -24,10 +24,10 @@ import numpy as np
 
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.ram_block import RAMBlock
-from livemig.migration.format import RamFlag
-from livemig.migration.prefault import Prefaulter
-from livemig.migration.qemu_file import QEMUFileReader, StreamError
-from livemig.migration.ram_save import PAGE_RECORD, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, ZERO_RECORD
+from livemig.migration.ram.prefault import Prefaulter
+from livemig.migration.ram.save import PAGE_RECORD, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, ZERO_RECORD
+from livemig.migration.stream.format import RamFlag
+from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
 
 _FLAG_MASK = TARGET_PAGE_SIZE - 1
 # a plain int: ``~`` of an IntFlag complements only within the defined members, so it

@@ -44,10 +44,13 @@ import numpy as np
 
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
-from livemig.migration import return_path as rp
-from livemig.migration import savevm, status
 from livemig.migration.channels import MigrationURI, connect
-from livemig.migration.format import (
+from livemig.migration.core import status
+from livemig.migration.postcopy.destination import pagesize_summary, urgent_priority
+from livemig.migration.ram.save import BlockSaveState
+from livemig.migration.stream import return_path as rp
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import (
     MIGRATION_RESUME_ACK_VALUE,
     RAMBLOCK_RECV_BITMAP_ENDING,
     MigCommand,
@@ -55,9 +58,12 @@ from livemig.migration.format import (
     RPMessage,
     SectionType,
 )
-from livemig.migration.postcopy import pagesize_summary, urgent_priority
-from livemig.migration.qemu_file import BytesWriter, QEMUFileReader, QEMUFileWriter, StreamError
-from livemig.migration.ram_save import BlockSaveState
+from livemig.migration.stream.qemu_file import (
+    BytesWriter,
+    QEMUFileReader,
+    QEMUFileWriter,
+    StreamError,
+)
 
 if TYPE_CHECKING:
     from livemig.migration.outgoing import OutgoingMigration

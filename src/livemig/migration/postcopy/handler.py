@@ -6,7 +6,7 @@ resolve the fault. This process has its own interpreter and its own GIL, so what
 VM process does while it faults (a vCPU in numpy, a checksum, the loader), the fault is
 read, requested, received and placed here, without the VM process's GIL.
 
-It is started by the destination (:mod:`livemig.migration.postcopy`) with:
+It is started by the destination (:mod:`livemig.migration.postcopy.destination`) with:
 
 * the userfaultfd of the VM's guest RAM (``UFFDIO_COPY`` from this process's buffers
   fills the VM process's memory: the fd carries the VM's mm);
@@ -45,9 +45,9 @@ import struct
 import sys
 import time
 
-from livemig.migration import postcopy_uffd as uffd
-from livemig.migration import return_path as rp
-from livemig.migration.format import RamFlag
+from livemig.migration.postcopy import placer as uffd
+from livemig.migration.stream import return_path as rp
+from livemig.migration.stream.format import RamFlag
 
 PAGE = 4096
 PAGE_SHIFT = 12

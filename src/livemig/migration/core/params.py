@@ -60,7 +60,7 @@ def check_background_snapshot(caps: dict[str, bool], write_tracking: Callable[[]
     write-protected (None: probe the kernel only).
     """
     if write_tracking is None:
-        from livemig.migration.snapshot import write_tracking_problem
+        from livemig.migration.snapshot.snapshot import write_tracking_problem
 
         problem = write_tracking_problem([])
     else:

@@ -1,12 +1,12 @@
 """userfaultfd through ctypes: what every mode shares, and write protection for snapshots.
 
 Opening, the API handshake, unregister, wake and fault messages serve both users;
-postcopy's MISSING-mode placement builds on them in :mod:`livemig.migration.postcopy_uffd`.
+postcopy's MISSING-mode placement builds on them in :mod:`livemig.migration.postcopy.placer`.
 
 A userfaultfd context is bound to the memory of the process that *created* it, whoever
 later holds the descriptor: a forked child that inherited the descriptor reads the fault
 events and answers them (``UFFDIO_WRITEPROTECT``) on the creator's memory. That is what
-lets :mod:`livemig.migration.snapshot` resolve faults in another process.
+lets :mod:`livemig.migration.snapshot.snapshot` resolve faults in another process.
 
 Only the standard library is used. Numbers are the kernel's (``<linux/userfaultfd.h>``,
 x86-64; platform notes section 3). ctypes releases the GIL during each ioctl.

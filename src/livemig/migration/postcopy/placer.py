@@ -1,11 +1,11 @@
 """userfaultfd MISSING mode through ctypes, for postcopy: register, place pages, faults.
 
 What MISSING and write-protect mode share (opening, the API handshake, unregister, wake,
-fault messages) lives in :mod:`livemig.migration.userfaultfd`; this module adds only what
+fault messages) lives in :mod:`livemig.memory.userfaultfd`; this module adds only what
 postcopy needs on top.
 
 Only the standard library is used, so the postcopy fault-handler process
-(:mod:`livemig.migration.postcopy_handler`) can import this module without numpy and
+(:mod:`livemig.migration.postcopy.handler`) can import this module without numpy and
 start in a few tens of milliseconds.
 
 Numbers are the kernel's (``<linux/userfaultfd.h>``, x86-64, checked on this platform in
@@ -25,7 +25,7 @@ import ctypes
 import errno
 import os
 
-from livemig.migration.userfaultfd import (
+from livemig.memory.userfaultfd import (
     MSG_SIZE,
     UFFD_FEATURE_MISSING_SHMEM,
     UFFD_FEATURE_THREAD_ID,
@@ -40,7 +40,7 @@ from livemig.migration.userfaultfd import (
     unregister,
     wake,
 )
-from livemig.migration.userfaultfd import open_uffd as _open_uffd
+from livemig.memory.userfaultfd import open_uffd as _open_uffd
 
 __all__ = [
     "MSG_SIZE",

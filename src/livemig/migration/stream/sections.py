@@ -19,9 +19,9 @@ from typing import Any
 
 from livemig.devices import vmstate
 from livemig.devices.state import StateSection
-from livemig.migration import savevm
-from livemig.migration.format import SectionType
-from livemig.migration.qemu_file import QEMUFileWriter
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import SectionType
+from livemig.migration.stream.qemu_file import QEMUFileWriter
 
 RAM_SECTION_ID = 1
 

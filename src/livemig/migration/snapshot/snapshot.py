@@ -80,21 +80,19 @@ import numpy as np
 
 from livemig.machine import Machine
 from livemig.memory import hostmem
+from livemig.memory import userfaultfd as uf
 from livemig.memory.discard_manager import Section
 from livemig.memory.region import MemoryRegion
-from livemig.migration import savevm, status
-from livemig.migration import userfaultfd as uf
 from livemig.migration.channels import MigrationURI
-from livemig.migration.format import RamFlag, SectionType
+from livemig.migration.core import status
+from livemig.migration.core.params import Capabilities, Parameters
 from livemig.migration.outgoing import (
     RATE_WINDOW,
     SLICE_BYTES,
     MigrationCancelled,
     OutgoingMigration,
 )
-from livemig.migration.params import Capabilities, Parameters
-from livemig.migration.qemu_file import BytesWriter, QEMUFileWriter
-from livemig.migration.ram_save import (
+from livemig.migration.ram.save import (
     BATCH_PAGES,
     PAGE_RECORD,
     TARGET_PAGE_BITS,
@@ -102,6 +100,9 @@ from livemig.migration.ram_save import (
     BlockSaveState,
     RamSaver,
 )
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import RamFlag, SectionType
+from livemig.migration.stream.qemu_file import BytesWriter, QEMUFileWriter
 
 log = logging.getLogger(__name__)
 

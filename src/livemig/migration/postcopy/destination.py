@@ -15,7 +15,7 @@ that arrive after LISTEN with ``UFFDIO_COPY`` (hook in ``RamLoader``), and, if t
 connection fails after RUN, pauses and continues over a new connection
 (:meth:`PostcopyIncoming.load`).
 
-Faults are handled in a separate process (:mod:`postcopy_handler`), never in this one:
+Faults are handled in a separate process (:mod:`livemig.migration.postcopy.handler`), never in this one:
 see ``docs/postcopy.md`` for why that, plus GIL-free guest memory access in the soft
 accelerator, means no fault can deadlock on the GIL.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import socket
 import struct
 import subprocess
@@ -35,12 +36,10 @@ import numpy as np
 
 from livemig.memory.discard_manager import Section
 from livemig.memory.ram_block import RAMBlock
-from livemig.migration import postcopy_uffd as uffd
-from livemig.migration import return_path as rp
-from livemig.migration import savevm, status
 from livemig.migration.channels import Listener, MigrationURI
-from livemig.migration.format import MigCommand, RPMessage, SectionType
-from livemig.migration.postcopy_handler import (
+from livemig.migration.core import status
+from livemig.migration.postcopy import placer as uffd
+from livemig.migration.postcopy.handler import (
     RECV_DATA,
     RECV_LOCAL,
     RECV_NONE,
@@ -48,7 +47,10 @@ from livemig.migration.postcopy_handler import (
     recv_ctrl,
     send_ctrl,
 )
-from livemig.migration.qemu_file import QEMUFileReader, StreamError
+from livemig.migration.stream import return_path as rp
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import MigCommand, RPMessage, SectionType
+from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
 
 if TYPE_CHECKING:
     from livemig.migration.incoming import IncomingMigration
@@ -314,10 +316,11 @@ class PostcopyIncoming:
     def _spawn_handler(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ)
-        src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        # the directory that holds the livemig package: src/livemig/migration/postcopy/<this>
+        src = str(pathlib.Path(__file__).resolve().parents[3])
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "livemig.migration.postcopy_handler", str(child.fileno())],
+            [sys.executable, "-m", "livemig.migration.postcopy.handler", str(child.fileno())],
             pass_fds=[child.fileno()],
             env=env,
             stdin=subprocess.DEVNULL,

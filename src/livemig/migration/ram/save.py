@@ -34,8 +34,8 @@ from livemig.memory.dirty_log import CLEAR_ALIGN_PAGES, DirtyLog
 from livemig.memory.discard_manager import Section
 from livemig.memory.ram_block import RAMBlock
 from livemig.memory.region import MemoryRegion
-from livemig.migration.format import RamFlag
-from livemig.migration.qemu_file import QEMUFileWriter
+from livemig.migration.stream.format import RamFlag
+from livemig.migration.stream.qemu_file import QEMUFileWriter
 
 TARGET_PAGE_BITS = 12
 TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS

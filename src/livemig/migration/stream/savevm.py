@@ -17,7 +17,7 @@ a sequence of calls. Writers emit the record's type byte. On the reading side a 
 dispatches on the type: :func:`read_section_header` reads the type byte (and, for
 START/PART/END/FULL, the rest of the header), then :func:`read_configuration`,
 :func:`read_command` or :func:`read_vmdesc` read the body of the other record kinds. All
-read errors are :class:`~livemig.migration.qemu_file.StreamError` with the offset of the
+read errors are :class:`~livemig.migration.stream.qemu_file.StreamError` with the offset of the
 bad byte.
 """
 
@@ -34,7 +34,7 @@ from livemig.devices.vmstate import (
     decode,
     encode_with_vmdesc,
 )
-from livemig.migration.format import (
+from livemig.migration.stream.format import (
     DEFAULT_TARGET_PAGE_SIZE,
     FILE_MAGIC,
     FILE_VERSION,
@@ -45,7 +45,7 @@ from livemig.migration.format import (
     MigCommand,
     SectionType,
 )
-from livemig.migration.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
+from livemig.migration.stream.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
 
 __all__ = [
     "CONFIGURATION_VMSD",
