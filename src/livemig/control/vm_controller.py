@@ -172,13 +172,8 @@ class VMController(PostcopyCommands):
                 raise QMPError(f"Cannot migrate a VM in state '{self.machine.runstate}'")
             try:
                 target = parse_uri(uri)
-                if target.scheme == "file":  # refuse a FIFO or /proc now, not in the thread
-                    check_stream_path(target.path, must_exist=False,
-                                      overwrite=bool(self.params.x_file_overwrite))
             except URIError as e:
                 raise QMPError(str(e)) from e
-            except OSError as e:
-                raise QMPError(f"file:{e.filename}: {e.strerror}") from e
             self._check_tls_source(target)
             self.check_postcopy_start(target)
             cls = BackgroundSnapshot if self.caps["background-snapshot"] else OutgoingMigration
@@ -202,12 +197,12 @@ class VMController(PostcopyCommands):
                 raise QMPError("The incoming migration has already been started")
             try:
                 target = parse_uri(uri)
-                if target.scheme == "file":  # a FIFO would block the open: refuse it now
+                tls = TLSServer.from_params(self.params, target)
+                if target.scheme == "file":  # a FIFO, /proc...: refused now, re-armable
                     try:
                         check_stream_path(target.path, must_exist=True)
                     except OSError as e:
                         raise URIError(f"file:{e.filename}: {e.strerror}") from e
-                tls = TLSServer.from_params(self.params, target)
                 self.incoming = IncomingMigration(
                     self.machine, target, self.caps, self.emit, autostart=self.autostart, tls=tls
                 )
