@@ -279,25 +279,29 @@ def test_demo_succeeds_speaks_qemu_and_leaves_nothing(tmp_path: Path):
 # =============================================================================================
 
 
-def test_ctrl_c_during_migrate_cancels_and_says_so(tmp_path: Path):
+@pytest.mark.parametrize("cmd", ["migrate", "snapshot"])
+def test_ctrl_c_cancels_the_migration_and_says_so(cmd: str, tmp_path: Path):
     v = VmProcess(tmp_path, "--dirty-rate", "0", memory="256M")
+    what = "migration" if cmd == "migrate" else "snapshot"
     try:
-        mig = subprocess.Popen(
-            [*LIVEMIG, "migrate", "--qmp", v.address, "--max-bandwidth", "16",
-             f"file:{tmp_path / 'slow.stream'}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with v.client() as c:
+            c.execute("migrate-set-parameters", **{"max-bandwidth": 16 * MiB})
+            target = f"file:{tmp_path / 'slow.stream'}"
+            mig = subprocess.Popen([*LIVEMIG, cmd, "--qmp", v.address, target],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             wait_status(c, "active")
             time.sleep(0.3)
             mig.send_signal(signal.SIGINT)
             out, err = mig.communicate(timeout=30)
             assert mig.returncode == 130, err
             assert "Traceback" not in err + out and "KeyboardInterrupt" not in err
-            lines = [ln for ln in err.splitlines() if ln.startswith("livemig migrate:")]
-            assert lines == ["livemig migrate: interrupted; asking the VM to cancel the migration "
-                             "(migrate_cancel)", "livemig migrate: migration cancelled"], err
+            lines = [ln for ln in err.splitlines() if ln.startswith(f"livemig {cmd}:")]
+            assert lines == [f"livemig {cmd}: interrupted; asking the VM to cancel the {what} "
+                             "(migrate_cancel)", f"livemig {cmd}: {what} cancelled"], err
             assert c.execute("query-migrate")["status"] == "cancelled"
             assert c.execute("query-status")["status"] == "running"
+            caps = {e["capability"]: e["state"] for e in c.execute("query-migrate-capabilities")}
+            assert caps["background-snapshot"] is False  # put back as it was
     finally:
         v.stop()
 
