@@ -27,7 +27,6 @@ from rich.console import Console
 from rich.table import Table
 
 from livemig.cli.errors import ArgumentParser
-from livemig.migration.channels import check_stream_path
 from livemig.inspect import (
     CommandReport,
     SectionReport,
@@ -36,6 +35,7 @@ from livemig.inspect import (
     check_discard,
     inspect_stream,
 )
+from livemig.migration.channels import check_stream_path
 from livemig.migration.stream.qemu_file import StreamError
 
 EXIT_OK = 0

@@ -166,6 +166,9 @@ def _incoming_channels(values: list[str]) -> tuple[str | None, Any]:
     cpr = None
     try:
         for v in values:
+            if not v.strip().startswith("{"):  # a plain URI: migrate-incoming checks it
+                main = None if v.strip() == "defer" else v
+                continue
             kind, uri = parse_incoming_option(v)
             if kind == "cpr":
                 if cpr is not None:
