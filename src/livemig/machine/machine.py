@@ -183,11 +183,13 @@ class Machine:
             block.close()
 
     # -- life cycle ------------------------------------------------------------------------------
-    def _boot_guest(self, adopt_plugged: np.ndarray | None) -> None:
+    def _boot_guest(self, adopt_plugged: np.ndarray | None, incoming: bool = False) -> None:
         """Start the guest side: allocator view, virtio-mem driver and vCPUs.
 
         The user's guest gets no virtio-mem driver (it would need its own): a requested
-        size is then recorded by the device and acted on by nobody.
+        size is then recorded by the device and acted on by nobody. An ``incoming`` guest
+        continues with the memory it brought: no prefill of base RAM (it would overwrite
+        what the migration loaded, with or without virtio-mem).
         """
         if self.board is not None:
             self.accel.start_vcpus(self.config.workload.vcpus, self.workload.vcpu)
@@ -196,7 +198,7 @@ class Machine:
         ppb = self.ram.block.pages
         with self.usable.lock:
             self.usable.add(self.ram, 0, ppb)
-        if adopt_plugged is None:
+        if not incoming:
             self.workload.queue_fill(self.ram, 0, ppb)
         if self.vmem is not None and self.vmem_mr is not None:
             vmem = self.vmem
@@ -231,7 +233,7 @@ class Machine:
             if self.vmem is not None:
                 plugged = np.zeros(self.vmem.bitmap.nbits, bool)
                 plugged[self.vmem.bitmap.indices()] = True
-            self._boot_guest(plugged)
+            self._boot_guest(plugged, incoming=True)
 
     def _set_runstate(self, state: str) -> None:
         old, self.runstate = self.runstate, state
