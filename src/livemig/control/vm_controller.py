@@ -303,6 +303,7 @@ class VMController(PostcopyCommands, MachineCommands):
         max_postcopy_bandwidth: int | None = None,
         mode: str | None = None,
         direct_io: bool | None = None,
+        x_tcp_user_timeout: int | None = None,
     ) -> None:
         given = {
             "max-bandwidth": max_bandwidth,
@@ -316,6 +317,7 @@ class VMController(PostcopyCommands, MachineCommands):
             "max-postcopy-bandwidth": max_postcopy_bandwidth,
             "mode": mode,
             "direct-io": direct_io,
+            "x-tcp-user-timeout": x_tcp_user_timeout,
         }
         try:
             self.params.set({k: v for k, v in given.items() if v is not None})

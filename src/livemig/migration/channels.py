@@ -3,7 +3,9 @@
 
 A channel is a socket (bidirectional: the return path travels back on it) or a file
 (one-way: no return path). Sockets get large kernel buffers because the data path sends
-megabytes per call.
+megabytes per call, and TCP sockets get :class:`Liveness`: a link that goes silent (a
+cable pulled, a peer host frozen) is noticed within seconds instead of never (a blocked
+read) or after the kernel's ~15 minutes of retransmissions (a blocked write).
 """
 
 from __future__ import annotations
@@ -64,6 +66,52 @@ def parse_uri(uri: str) -> MigrationURI:
     raise URIError(f"unsupported migration URI scheme {scheme!r} in {uri!r} (tcp, unix or file)")
 
 
+DEFAULT_TCP_USER_TIMEOUT_MS = 4000
+"""``x-tcp-user-timeout``'s default (docs/faults.md): a link silent for 4 s is declared
+dead within 4-5 s, so a 5 s outage is always noticed and one of ~10 s is noticed well
+before it ends; a healthy link never leaves data unacknowledged that long."""
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How long a TCP migration connection may stay silent before it counts as dead.
+
+    ``TCP_USER_TIMEOUT`` bounds how long sent data may stay unacknowledged (it also ends
+    zero-window probing of a peer that stopped reading): it ends a *write* blocked on a
+    silent link. A *read* on a silent link has nothing unacknowledged, so keepalive
+    probes are sent after ``idle`` seconds without traffic, every ``idle`` seconds; with a
+    user timeout set, Linux gives up once no packet came back for the user timeout and a
+    probe is out. So every blocked call on a dead connection returns ``ETIMEDOUT`` within
+    ``user_timeout_ms`` plus one probe interval, on both ends, with no thread of ours
+    watching. ``user_timeout_ms == 0`` leaves the kernel's defaults (no keepalive,
+    ~15 minutes of retransmissions). Unix sockets need none of this: a local peer cannot
+    be cut off, and one that dies closes its end.
+    """
+
+    user_timeout_ms: int = DEFAULT_TCP_USER_TIMEOUT_MS
+
+    @property
+    def idle(self) -> int:
+        """Seconds of silence before the first keepalive probe, and between probes: a
+        quarter of the user timeout (at least 1 s, the kernel's unit)."""
+        return max(1, self.user_timeout_ms // 4000)
+
+    def apply(self, sock: socket.socket) -> None:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or self.user_timeout_ms <= 0:
+            return
+        idle = self.idle
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
+        # with a user timeout the count is not what ends the connection; set it so that
+        # the probes alone would take as long, should a kernel ignore the user timeout
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, -(-self.user_timeout_ms // (idle * 1000))))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.user_timeout_ms)
+
+
+DEFAULT_LIVENESS = Liveness()
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
@@ -71,13 +119,17 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect(uri: MigrationURI, timeout: float = 10.0, tls: Any = None) -> socket.socket:
+def connect(
+    uri: MigrationURI, timeout: float = 10.0, tls: Any = None, liveness: Liveness = DEFAULT_LIVENESS
+) -> socket.socket:
     """Open the outgoing side of a socket channel.
 
     With ``tls`` (a :class:`livemig.migration.transport.tls.TLSClient`) the connection is
     returned as a :class:`~livemig.migration.transport.tls_channel.TLSChannel` after a
     verified handshake: every channel of a migration (main, extra, reconnect) goes through
-    here with the same one.
+    here with the same one (:meth:`~livemig.migration.outgoing.OutgoingMigration.connect`),
+    and with the migration's ``liveness``, set before the first byte (the TLS handshake
+    included) and before the socket is handed to another process (postcopy's handler).
     """
     if uri.scheme == "tcp":
         sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
@@ -92,7 +144,12 @@ def connect(uri: MigrationURI, timeout: float = 10.0, tls: Any = None) -> socket
     else:
         raise URIError(f"{uri} is not a socket URI")
     sock.settimeout(None)
-    _tune(sock)
+    try:
+        _tune(sock)
+        liveness.apply(sock)
+    except BaseException:
+        sock.close()
+        raise
     return sock if tls is None else tls.wrap(sock)
 
 
@@ -104,9 +161,10 @@ class Listener:
     socket, and only ever removes the file it created.
     """
 
-    def __init__(self, uri: MigrationURI, tls: Any = None):
+    def __init__(self, uri: MigrationURI, tls: Any = None, liveness: Liveness = DEFAULT_LIVENESS):
         self.uri = uri
         self.tls = tls  # transport.tls.TLSServer: accept() hands out TLS channels
+        self.liveness = liveness  # every accepted connection gets it
         self._socket_ino: int | None = None
         if uri.scheme == "tcp":
             infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
@@ -129,7 +187,12 @@ class Listener:
         self.sock.settimeout(timeout)
         conn, _ = self.sock.accept()
         conn.settimeout(None)
-        _tune(conn)
+        try:
+            _tune(conn)
+            self.liveness.apply(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn if self.tls is None else self.tls.wrap(conn)
 
     def close(self) -> None:

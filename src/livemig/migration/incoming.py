@@ -17,6 +17,7 @@ and a page placer, and continues the load after the guest runs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -28,11 +29,16 @@ from typing import Any
 import numpy as np
 
 from livemig.devices.state import LoadContext, StateSection
-from livemig.migration.channels import Listener, MigrationURI, open_file_for_read
+from livemig.migration.channels import Listener, Liveness, MigrationURI, open_file_for_read
 from livemig.migration.core import status
 from livemig.migration.core.deadline import Deadline
-from livemig.migration.core.job import MigrationJob
-from livemig.migration.core.params import KNOWN_CAPABILITIES, STREAM_CAPABILITIES, Capabilities
+from livemig.migration.core.job import MigrationJob, describe
+from livemig.migration.core.params import (
+    KNOWN_CAPABILITIES,
+    STREAM_CAPABILITIES,
+    Capabilities,
+    Parameters,
+)
 from livemig.migration.core.vm import MigratableVM
 from livemig.migration.ram.load import RamLoader
 from livemig.migration.ram.prefault import Prefaulter
@@ -73,6 +79,7 @@ class IncomingMigration:
         channels: Callable[[IncomingMigration], Any] | None = None,
         postcopy: Callable[[IncomingMigration, Listener], Any] | None = None,
         on_loaded: Callable[[IncomingMigration], None] | None = None,
+        params: Parameters | None = None,
     ):
         if vm.runstate != "inmigrate":
             raise RuntimeError("the VM is not waiting for an incoming migration")
@@ -81,6 +88,9 @@ class IncomingMigration:
         self.caps = caps
         self.emit = emit
         self.autostart = autostart
+        # this VM's parameters (the destination's own x-tcp-user-timeout, as QEMU's
+        # destination uses its own parameters), read when a socket is made
+        self.params = params if params is not None else Parameters()
         self.job = MigrationJob(
             "incoming migration", emit, events=lambda: bool(caps["events"]), cancelled_status=status.FAILED
         )
@@ -108,7 +118,7 @@ class IncomingMigration:
         if uri.scheme in ("tcp", "unix"):
             # bind now: a busy port is the caller's error; with tls, accept() hands out
             # TLS channels (the same for every connection of this migration)
-            self.listener = Listener(uri, tls=self.tls)
+            self.listener = self.listen(uri)
             self.uri = self.listener.uri
 
     # -- public ----------------------------------------------------------------------------
@@ -141,6 +151,12 @@ class IncomingMigration:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.job.wait(timeout)
+
+    def listen(self, uri: MigrationURI) -> Listener:
+        """A listener of this migration (the first one, and postcopy's for a recovery):
+        bound now; what it accepts gets TLS if set and the liveness of
+        ``x-tcp-user-timeout`` as it is now."""
+        return Listener(uri, tls=self.tls, liveness=Liveness(int(self.params.x_tcp_user_timeout)))
 
     def take_listener(self) -> Listener:
         """Hand the listener over (multifd accepts the channels and the main connection)."""
@@ -215,6 +231,8 @@ class IncomingMigration:
     def _explain(self, e: BaseException) -> str:
         if self.multifd is not None and self.multifd.error:
             return str(self.multifd.error)  # the cause, not the main stream's symptom
+        if isinstance(e, OSError) and e.errno == errno.ETIMEDOUT:
+            return describe(e)  # a silent link or source, after x-tcp-user-timeout
         return str(e) if isinstance(e, (StreamError, TLSError)) else f"{type(e).__name__}: {e}"
 
     def _accept_main(self) -> Any:

@@ -83,7 +83,7 @@ def incoming_migration(
     if caps["mapped-ram"]:
         if uri.scheme != "file":
             raise MappedRamConfigError(f"mapped-ram needs a file: migration URI, not {uri.scheme}:")
-        inc = IncomingMigration(vm, uri, caps, emit, autostart, tls)
+        inc = IncomingMigration(vm, uri, caps, emit, autostart, tls, params=params)
         if caps["postcopy-ram"]:  # QEMU's fast snapshot load: the guest runs at once
             InstantRestore.attach(inc)
         else:
@@ -98,4 +98,5 @@ def incoming_migration(
     def postcopy(inc: IncomingMigration, listener: Listener) -> PostcopyIncoming | None:
         return PostcopyIncoming(inc, listener) if caps["postcopy-ram"] else None
 
-    return IncomingMigration(vm, uri, caps, emit, autostart, tls, channels=channels, postcopy=postcopy)
+    return IncomingMigration(vm, uri, caps, emit, autostart, tls, channels=channels, postcopy=postcopy,
+                             params=params)

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from livemig.migration.channels import MigrationURI, connect, open_file_for_write
+from livemig.migration.channels import Liveness, MigrationURI, connect, open_file_for_write
 from livemig.migration.core import status
 from livemig.migration.core.deadline import Deadline
 from livemig.migration.core.guest import GuestControl
@@ -57,6 +57,7 @@ from livemig.migration.transport.tls import TLSClient
 log = logging.getLogger(__name__)
 
 RETURN_PATH_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
 COMPLETION_DEADLINE = 30.0
 """Seconds from stopping the guest for the switchover to the destination's verdict."""
 MigrationCancelled = Cancelled  # the name modes and older callers know
@@ -210,6 +211,10 @@ class OutgoingMigration:
             if rp.reason:
                 return f"destination reported a failed migration: {rp.reason}"
             return f"destination reported a failed migration ({describe(e)})"
+        if isinstance(e, BrokenPipeError) and rp is not None and rp.error:
+            # a broken pipe is a consequence; the reader saw the cause (a silent link's
+            # ETIMEDOUT is reported once, to whichever call on the socket comes first)
+            return rp.error
         return describe(e)
 
     # -- channels --------------------------------------------------------------------------
@@ -219,10 +224,19 @@ class OutgoingMigration:
             self.job.on_cleanup("stream file", self._close_file)
             self.w = QEMUFileWriter(os.fdopen(self.fd, "wb", buffering=0, closefd=False), 4 << 20)
         else:
-            self.sock = connect(self.uri, tls=self.tls)
+            self.sock = self.connect(self.uri)
             self.job.on_cleanup("main channel", self.close_channel)
             self.w = QEMUFileWriter(self.sock, 4 << 20)
         self.sink = StreamSink(self.w, self.ram.stats)
+
+    def connect(self, uri: MigrationURI, timeout: float = CONNECT_TIMEOUT) -> Any:
+        """A new socket of this migration — the main channel, a multifd channel, the
+        postcopy channel, a reconnection: TLS if ``tls-creds`` is set, and the liveness of
+        ``x-tcp-user-timeout`` as it is now (a reconnection takes a changed value)."""
+        return connect(uri, timeout=timeout, tls=self.tls, liveness=self.liveness())
+
+    def liveness(self) -> Liveness:
+        return Liveness(int(self.params.x_tcp_user_timeout))
 
     def use_channel(self, sock: Any, w: QEMUFileWriter) -> None:
         """Carry on over a new main connection (postcopy recovery); the old one is closed."""

@@ -23,6 +23,7 @@ the order of the others.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -42,8 +43,15 @@ class IllegalTransition(RuntimeError):
     """A status change that QEMU's life cycle does not allow (a bug, not a user error)."""
 
 
+SILENT_PEER = "Connection timed out: the link or the peer went silent (x-tcp-user-timeout)"
+"""What a TCP migration socket's ETIMEDOUT means: nothing came back within the user
+timeout (sent data unacknowledged, or keepalive probes unanswered; channels.Liveness)."""
+
+
 def describe(e: BaseException) -> str:
     """The text of a failure for ``error-desc``: the OS error's words, else the message."""
+    if isinstance(e, OSError) and e.errno == errno.ETIMEDOUT:
+        return SILENT_PEER
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
     return str(e) or type(e).__name__

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from livemig.memory.userfaultfd import write_tracking_problem
+from livemig.migration.channels import DEFAULT_TCP_USER_TIMEOUT_MS
 
 # All of QEMU's capability names (reference 5.3); the supported subset is below.
 KNOWN_CAPABILITIES = (
@@ -134,6 +135,9 @@ class Parameters:
     max_postcopy_bandwidth: int = 0  # bytes/s of the background push in postcopy; 0 = unlimited
     mode: str = "normal"  # QEMU's MigMode: normal or cpr-transfer (migration/cpr/)
     direct_io: bool = False  # O_DIRECT for the page data of mapped-ram files
+    # ms a TCP migration connection may stay silent before it counts as dead (keepalive
+    # and TCP_USER_TIMEOUT on every socket, channels.Liveness); 0 = the kernel's defaults
+    x_tcp_user_timeout: int = DEFAULT_TCP_USER_TIMEOUT_MS
 
     _OTHER_FIELDS: ClassVar[dict[str, tuple[str, type]]] = {
         "tls-creds": ("tls_creds", str),
@@ -150,6 +154,7 @@ class Parameters:
         "x-clear-bitmap-shift": ("x_clear_bitmap_shift", 6, 31),
         "multifd-channels": ("multifd_channels", 1, 255),
         "max-postcopy-bandwidth": ("max_postcopy_bandwidth", 0, 1 << 62),
+        "x-tcp-user-timeout": ("x_tcp_user_timeout", 0, 3_600_000),
     }
 
     def set(self, changes: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from livemig.memory.ram_block import RAMBlock
 from livemig.migration.channels import Listener
+from livemig.migration.core.job import describe
 from livemig.migration.core.threads import join_for_good
 from livemig.migration.multifd.populate import Populator
 from livemig.migration.multifd.wire import (
@@ -423,7 +424,7 @@ class MultifdReceiver:
     # -- failure and end ---------------------------------------------------------------------------
     def channel_failed(self, index: int, e: BaseException) -> None:
         what = str(e) if isinstance(e, StreamError) else (
-            e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}")
+            describe(e) if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}")
         self._fail(f"multifd channel {index}: {what}")
 
     def _fail(self, problem: str) -> None:

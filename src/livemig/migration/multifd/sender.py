@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemig.memory.bitmap import index_runs
-from livemig.migration.channels import connect
+from livemig.migration.core.job import describe
 from livemig.migration.core.threads import join_for_good
 from livemig.migration.multifd.wire import (
     CONNECT_TIMEOUT,
@@ -265,7 +265,7 @@ class MultifdSender:
         try:
             for i in range(n):
                 try:
-                    s = connect(uri, timeout=CONNECT_TIMEOUT, tls=tls) if tls else connect(uri, CONNECT_TIMEOUT)
+                    s = out.connect(uri, timeout=CONNECT_TIMEOUT)
                 except OSError as e:
                     raise MultifdError(e.errno or errno.ECONNREFUSED,
                                        f"multifd channel {i}: cannot connect: {e.strerror or e}") from e
@@ -384,7 +384,7 @@ class MultifdSender:
     def channel_failed(self, index: int, e: BaseException) -> None:
         with self.cond:
             if self.error is None and not self.closing:
-                what = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+                what = describe(e)
                 self.error = f"multifd channel {index}: {what}"
                 log.info("%s", self.error)
             self.cond.notify_all()

@@ -161,7 +161,7 @@ class DestinationRecovery:
                 raise RuntimeError("Migrate recover can only be run when postcopy is paused.")
             if self._recover_requested.is_set():
                 raise RuntimeError("Migrate recovery is triggered already")
-            self._listener = Listener(uri, tls=self.inc.tls)
+            self._listener = self.inc.listen(uri)
             self._recover_requested.set()
             return self._listener.uri
 

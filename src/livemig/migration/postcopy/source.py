@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livemig.migration.channels import MigrationURI, connect
+from livemig.migration.channels import MigrationURI
 from livemig.migration.core import status
 from livemig.migration.core.job import Cancelled, IllegalTransition, describe
 from livemig.migration.core.rate import RateLimiter
@@ -150,7 +150,7 @@ class PostcopySource:
         ch = self.urgent.channel
         if ch is not None:
             out.job.on_cleanup("postcopy channel", self.urgent.close_channel)
-            ch.attach(connect(self.recovery.uri, tls=out.tls))
+            ch.attach(out.connect(self.recovery.uri))
         # until the package is out, a stalled destination must not keep the guest stopped
         # here (the migration fails and the guest runs again, as in precopy)
         with out.completion_deadline() as deadline:

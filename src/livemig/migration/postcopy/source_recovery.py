@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from livemig.migration.channels import MigrationURI, connect
+from livemig.migration.channels import MigrationURI
 from livemig.migration.core import status
 from livemig.migration.postcopy.urgent import UrgentPages
 from livemig.migration.stream import return_path as rp
@@ -121,6 +121,7 @@ class SourceRecovery:
     def pause(self, why: str) -> None:
         """The migration thread: close this generation and wait in ``postcopy-paused``."""
         out = self.out
+        why = self.lost_why or why  # the first channel to fail saw the cause
         log.info("postcopy paused: %s", why)
         self.paused = True
         out.job.note_error(why)
@@ -165,9 +166,9 @@ class SourceRecovery:
         if not job.move(status.POSTCOPY_RECOVER_SETUP, status.POSTCOPY_PAUSED):
             job.check_cancel()
         self.uri = uri
-        sock = connect(uri, tls=out.tls)
+        sock = out.connect(uri)
         try:
-            chan = connect(uri, tls=out.tls) if self.urgent.channel is not None else None
+            chan = out.connect(uri) if self.urgent.channel is not None else None
         except BaseException:
             sock.close()
             raise
