@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from livemig.control.qmp_client import QMPClient
@@ -20,10 +21,12 @@ class VmProcess:
     """``livemig vm`` with its stderr read on a thread; ready once it printed its line."""
 
     def __init__(self, tmp: Path, *extra: str, name: str = "vm", qmp: str | None = None,
-                 umask: int = -1, memory: str = "64M") -> None:
+                 umask: int = -1, memory: str = "64M", wrap: Sequence[str] = ()) -> None:
+        """``wrap``: a command prefix that execs the VM (``ip netns exec NS``), so that
+        :attr:`pid` is still the VM's own."""
         self.qmp_arg = qmp or f"unix:{tmp / f'{name}.qmp'}"
         self.proc = subprocess.Popen(
-            [*LIVEMIG, "vm", "--accel", "soft", "--memory", memory, "--name", name,
+            [*wrap, *LIVEMIG, "vm", "--accel", "soft", "--memory", memory, "--name", name,
              "--qmp", self.qmp_arg, *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, umask=umask)
         self.lines: list[str] = []
@@ -47,6 +50,17 @@ class VmProcess:
             time.sleep(0.02)
         raise AssertionError(f"no ready line: {self.lines}")
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL (a crash): no clean-up in the VM, and no check of its exit."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=20)
+        self._reader.join(5)
+
     def client(self) -> QMPClient:
         return QMPClient(self.address)
 
@@ -61,6 +75,7 @@ class VmProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a test may have left it stopped
             self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(timeout=20) == 0
         self._reader.join(5)
