@@ -448,6 +448,8 @@ def silence_until_paused(link: netns.Link, src: Host, dst: Host, outage: Outage,
         time.sleep(0.02)
     wait_until(lambda: time.monotonic() - t0 >= SILENCE_S, SILENCE_S + 1, "the end of the silence")
     link.restore()
+    missed = {"source", "destination"} - set(outage.detected)
+    assert not missed, f"{outage.line()}: not noticed by the {' and the '.join(sorted(missed))}"
 
 
 def migration_events(h: Host) -> list[str]:
