@@ -23,6 +23,7 @@ from vm_processes import LIVEMIG, VmProcess
 from livemig.control.qmp_client import QMPClient, QMPClientError
 from livemig.control.qmp_server import QMPServer
 from livemig.migration import channels
+from livemig.migration.core.params import MigrationConfigError, Parameters
 
 MiB = 1 << 20
 
@@ -277,3 +278,39 @@ def test_qmp_clients_cannot_make_the_vm_hold_unbounded_memory(tmp_path: Path):
         for s in clients:
             s.close()
         v.stop()
+
+
+def test_tcp_channels_get_keepalive_and_the_user_timeout_at_both_ends(tmp_path: Path):
+    """Loopback, no namespaces: connect() and Listener.accept() give each TCP connection the
+    liveness asked for (tests/test_network_faults.py checks every socket of real
+    migrations and what a silent link then does); unix sockets and 0 get none."""
+    p = Parameters()
+    assert p.query()["x-tcp-user-timeout"] == channels.DEFAULT_TCP_USER_TIMEOUT_MS == 4000
+    for bad in (-1, 3_600_001, True, "4000"):
+        with pytest.raises(MigrationConfigError):
+            p.set({"x-tcp-user-timeout": bad})
+    for ms, idle in ((4000, 1), (2000, 1), (60_000, 15), (0, None)):
+        live = channels.Liveness(ms)
+        lst = channels.Listener(channels.parse_uri("tcp:127.0.0.1:0"), liveness=live)
+        try:
+            out = channels.connect(lst.uri, liveness=live)
+            inc = lst.accept(timeout=5)
+            for s in (out, inc):
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == (ms > 0)
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == ms
+                if idle is not None:
+                    assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
+                    assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == idle
+                    assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) * idle * 1000 >= ms
+                s.close()
+        finally:
+            lst.close()
+    lst = channels.Listener(channels.parse_uri(f"unix:{tmp_path / 'u.sock'}"))
+    try:
+        out = channels.connect(lst.uri)
+        inc = lst.accept(timeout=5)
+        for s in (out, inc):
+            assert not s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            s.close()
+    finally:
+        lst.close()
