@@ -67,7 +67,11 @@ class Host:
         self.addr = netns.A_ADDR if side == "a" else netns.B_ADDR
         args = [*extra, "--log", "info"] + (["--incoming", "defer"] if incoming else [])
         self.vm = VmProcess(tmp, *args, name=name, memory=memory, wrap=netns.Link.prefix(self.ns))
-        self.qmp: QMPClient = self.vm.client()
+        try:
+            self.qmp: QMPClient = self.vm.client()
+        except BaseException:
+            self.vm.kill()
+            raise
         self.stopped = False
         self.dead = False
 
@@ -107,12 +111,52 @@ class Host:
         self.dead = True
 
     def close(self) -> None:
-        """End the VM: SIGTERM and a clean exit (no traceback), unless it was killed."""
+        """End the VM: SIGTERM and a clean exit (no traceback), unless it was killed. It
+        is gone afterwards, even if that check fails."""
         if self.dead:
             return
-        self.qmp.close()
-        self.vm.stop()
         self.dead = True
+        self.qmp.close()
+        try:
+            self.vm.stop()
+        finally:
+            self.vm.kill()  # nothing left in the namespace, whatever happened
+
+
+def close_all(*hosts: Host | None) -> None:
+    """Close every host; the first failure is raised after all are gone."""
+    first: BaseException | None = None
+    for h in hosts:
+        if h is None:
+            continue
+        try:
+            if h.stopped:
+                h.sigcont()
+            h.close()
+        except BaseException as e:  # noqa: BLE001 - the others must still be ended
+            first = first or e
+    if first is not None:
+        raise first
+
+
+MakeHost = Callable[..., Host]
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, link: netns.Link) -> Iterator[MakeHost]:
+    """``hosts(side, name, *args, memory=, incoming=)`` starts a VM in ``link``'s namespace
+    ``side`` ("a" or "b"); every VM made is ended at teardown, before the namespaces go."""
+    made: list[Host] = []
+
+    def make(side: str, name: str, *extra: str, **kw: Any) -> Host:
+        h = Host(tmp_path, link, side, name, *extra, **kw)
+        made.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        close_all(*made)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.02) -> float:
@@ -140,82 +184,76 @@ def assert_liveness(socks: list[TcpSocket], user_timeout: int, count: int, what:
         assert s.keepalive and s.user_timeout_ms == user_timeout and s.keepidle == s.keepintvl == 1, (what, s)
 
 
-def test_every_migration_socket_has_keepalive_and_its_sides_user_timeout(tmp_path: Path, link: netns.Link) -> None:
+def test_every_migration_socket_has_keepalive_and_its_sides_user_timeout(hosts: MakeHost) -> None:
     """multifd (main + 2 channels), then postcopy-preempt (main + postcopy channel, the
     fault handler's copy) before and after a reconnection: each socket of each process,
     with the value its own side set."""
     if postcopy_uffd.available() is not None:
         pytest.skip("no userfaultfd for the postcopy part")
-    src = Host(tmp_path, link, "a", "src")
-    dst = Host(tmp_path, link, "b", "dst", incoming=True)
-    try:
-        src.params(x_tcp_user_timeout=SRC_TIMEOUT, max_bandwidth=8 * MiB)
-        dst.params(x_tcp_user_timeout=DST_TIMEOUT)
-        assert src("query-migrate-parameters")["x-tcp-user-timeout"] == SRC_TIMEOUT
-        for h in (src, dst):
-            h.caps(multifd=True)
-        uri = f"tcp:{dst.addr}:4444"
-        dst("migrate-incoming", uri=uri)
-        src("migrate", uri=uri)
-        wait_until(lambda: src.status() == "active" and dst.status() == "active", 10, "multifd active")
-        assert_liveness(migration_sockets(src.vm.pid), SRC_TIMEOUT, 3, "multifd source")
-        assert_liveness(migration_sockets(dst.vm.pid), DST_TIMEOUT, 3, "multifd destination")
-        src("migrate_cancel")
-        wait_until(lambda: src.status() == "cancelled" and dst.status() == "failed", 10, "cancelled")
+    src = hosts("a", "src")
+    dst = hosts("b", "dst", incoming=True)
+    src.params(x_tcp_user_timeout=SRC_TIMEOUT, max_bandwidth=8 * MiB)
+    dst.params(x_tcp_user_timeout=DST_TIMEOUT)
+    assert src("query-migrate-parameters")["x-tcp-user-timeout"] == SRC_TIMEOUT
+    for h in (src, dst):
+        h.caps(multifd=True)
+    uri = f"tcp:{dst.addr}:4444"
+    dst("migrate-incoming", uri=uri)
+    src("migrate", uri=uri)
+    wait_until(lambda: src.status() == "active" and dst.status() == "active", 10, "multifd active")
+    assert_liveness(migration_sockets(src.vm.pid), SRC_TIMEOUT, 3, "multifd source")
+    assert_liveness(migration_sockets(dst.vm.pid), DST_TIMEOUT, 3, "multifd destination")
+    src("migrate_cancel")
+    wait_until(lambda: src.status() == "cancelled" and dst.status() == "failed", 10, "cancelled")
 
-        for h in (src, dst):
-            h.caps(multifd=False, postcopy_ram=True, postcopy_preempt=True)
-        src.params(max_bandwidth=0, max_postcopy_bandwidth=2 * MiB)
-        uri = f"tcp:{dst.addr}:4445"
-        dst("migrate-incoming", uri=uri)
-        src("migrate", uri=uri)
-        src("migrate-start-postcopy")
-        both_active = lambda: src.status() == dst.status() == "postcopy-active"  # noqa: E731
-        wait_until(both_active, 15, "postcopy-active")
+    for h in (src, dst):
+        h.caps(multifd=False, postcopy_ram=True, postcopy_preempt=True)
+    src.params(max_bandwidth=0, max_postcopy_bandwidth=2 * MiB)
+    uri = f"tcp:{dst.addr}:4445"
+    dst("migrate-incoming", uri=uri)
+    src("migrate", uri=uri)
+    src("migrate-start-postcopy")
+    both_active = lambda: src.status() == dst.status() == "postcopy-active"  # noqa: E731
+    wait_until(both_active, 15, "postcopy-active")
 
-        def check(when: str) -> None:
-            handlers = children(dst.vm.pid)
-            assert len(handlers) == 1, handlers
-            assert_liveness(migration_sockets(src.vm.pid), SRC_TIMEOUT, 2, f"postcopy source {when}")
-            # the VM keeps its end of the postcopy channel (to shut it down on a pause)
-            assert_liveness(migration_sockets(dst.vm.pid), DST_TIMEOUT, 2, f"postcopy destination {when}")
-            assert_liveness(migration_sockets(handlers[0]), DST_TIMEOUT, 1, f"fault handler {when}")
+    def check(when: str) -> None:
+        handlers = children(dst.vm.pid)
+        assert len(handlers) == 1, handlers
+        assert_liveness(migration_sockets(src.vm.pid), SRC_TIMEOUT, 2, f"postcopy source {when}")
+        # the VM keeps its end of the postcopy channel (to shut it down on a pause)
+        assert_liveness(migration_sockets(dst.vm.pid), DST_TIMEOUT, 2, f"postcopy destination {when}")
+        assert_liveness(migration_sockets(handlers[0]), DST_TIMEOUT, 1, f"fault handler {when}")
 
-        check("at the start")
-        before = {s.local for s in migration_sockets(src.vm.pid)}
-        src("migrate-pause")
-        wait_until(lambda: src.status() == dst.status() == "postcopy-paused", 10, "paused")
-        dst("migrate-recover", uri=f"tcp:{dst.addr}:4446")
-        src("migrate", uri=f"tcp:{dst.addr}:4446", resume=True)
-        wait_until(both_active, 10, "resumed")
-        assert not before & {s.local for s in migration_sockets(src.vm.pid)}, "not reconnected"
-        check("after a reconnection")
-        src.params(max_postcopy_bandwidth=0)
-        wait_until(lambda: src.status() == dst.status() == "completed", 30, "completed")
-    finally:
-        src.close()
-        dst.close()
+    check("at the start")
+    before = {s.local for s in migration_sockets(src.vm.pid)}
+    src("migrate-pause")
+    wait_until(lambda: src.status() == dst.status() == "postcopy-paused", 10, "paused")
+    dst("migrate-recover", uri=f"tcp:{dst.addr}:4446")
+    src("migrate", uri=f"tcp:{dst.addr}:4446", resume=True)
+    wait_until(both_active, 10, "resumed")
+    assert not before & {s.local for s in migration_sockets(src.vm.pid)}, "not reconnected"
+    check("after a reconnection")
+    src.params(max_postcopy_bandwidth=0)
+    wait_until(lambda: src.status() == dst.status() == "completed", 30, "completed")
 
 
-def test_a_zero_user_timeout_leaves_the_kernels_defaults(tmp_path: Path, link: netns.Link) -> None:
+def test_a_zero_user_timeout_leaves_the_kernels_defaults(hosts: MakeHost) -> None:
     """``x-tcp-user-timeout 0``: no keepalive, no user timeout (what QEMU does)."""
-    src = Host(tmp_path, link, "a", "src")
-    dst = Host(tmp_path, link, "b", "dst", incoming=True)
-    try:
-        for h in (src, dst):
-            h.params(x_tcp_user_timeout=0)
-        src.params(max_bandwidth=8 * MiB)
-        uri = f"tcp:{dst.addr}:4444"
-        dst("migrate-incoming", uri=uri)
-        src("migrate", uri=uri)
-        wait_until(lambda: src.status() == "active", 10, "active")
-        for s in migration_sockets(src.vm.pid, dst.vm.pid):
-            assert not s.keepalive and s.user_timeout_ms == 0, s
-        src("migrate_cancel")
-        wait_until(lambda: src.status() == "cancelled", 10, "cancelled")
-    finally:
-        src.close()
-        dst.close()
+    src = hosts("a", "src")
+    dst = hosts("b", "dst", incoming=True)
+    for h in (src, dst):
+        h.params(x_tcp_user_timeout=0)
+    src.params(max_bandwidth=8 * MiB)
+    uri = f"tcp:{dst.addr}:4444"
+    dst("migrate-incoming", uri=uri)
+    src("migrate", uri=uri)
+    wait_until(lambda: src.status() == "active", 10, "active")
+    socks = migration_sockets(src.vm.pid, dst.vm.pid)
+    assert len(socks) == 2, socks
+    for s in socks:
+        assert not s.keepalive and s.user_timeout_ms == 0, s
+    src("migrate_cancel")
+    wait_until(lambda: src.status() == "cancelled", 10, "cancelled")
 
 
 # -- precopy under random faults ------------------------------------------------------------------
@@ -260,34 +298,24 @@ def draw(rng: random.Random, n: int, src_side: str, netem: bool) -> Case:
 class Pool:
     """The two VMs of the suite: a source (running guest) and a destination (waiting)."""
 
-    def __init__(self, tmp: Path, link: netns.Link) -> None:
-        self.tmp, self.link = tmp, link
+    def __init__(self, hosts: MakeHost) -> None:
+        self.hosts = hosts
         self.started = 0
         self.src = self.start("a", incoming=False)
         self.dst = self.start("b", incoming=True)
 
     def start(self, side: str, incoming: bool) -> Host:
         self.started += 1
-        h = Host(self.tmp, self.link, side, f"vm{self.started}", "--dirty-rate", "0", incoming=incoming)
+        h = self.hosts(side, f"vm{self.started}", "--dirty-rate", "0", incoming=incoming)
         h.params(x_tcp_user_timeout=USER_TIMEOUT, max_bandwidth=BANDWIDTH)
         h.caps(events=True)
         if not incoming:  # the guest has written its memory once: it holds still from now on
             wait_until(lambda: h("x-query-guest")["fill-done"], 30, "the guest's first fill")
         return h
 
-    def replace(self, h: Host) -> Host:
-        h.close()
-        return self.start(h.side, incoming=True)
 
-    def close(self) -> None:
-        for h in (self.src, self.dst):
-            if h.stopped:
-                h.sigcont()
-            h.close()
-
-
-def run_case(pool: Pool, case: Case, port: int) -> None:
-    src, dst, link = pool.src, pool.dst, pool.link
+def run_case(pool: Pool, link: netns.Link, case: Case, port: int) -> None:
+    src, dst = pool.src, pool.dst
     for h in (src, dst):
         h.caps(multifd=case.multifd)
     ck = src.checksum()
@@ -389,28 +417,25 @@ def next_roles(pool: Pool, case: Case) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_precopy_under_faults_at_random_points(tmp_path: Path, link: netns.Link) -> None:
+def test_precopy_under_faults_at_random_points(link: netns.Link, hosts: MakeHost) -> None:
     seed = int(os.environ.get("LIVEMIG_FAULT_SEED") or random.SystemRandom().randrange(1 << 32))
     rng = random.Random(seed)
     log = [f"seed {seed} (LIVEMIG_FAULT_SEED={seed} replays the draw); x-tcp-user-timeout {USER_TIMEOUT} ms; "
            + ("netem: delay faults on" if link.netem else "no netem in this kernel: no delay faults")]
     print(log[0], flush=True)
     t_suite = time.monotonic()
-    pool = Pool(tmp_path, link)
-    try:
-        for n in range(CASES):
-            case = draw(rng, n, pool.src.side, link.netem)
-            try:
-                run_case(pool, case, 5000 + n)
-            except BaseException as e:
-                log.append(case.line())
-                raise AssertionError(f"{e}\n" + "\n".join(log) + f"\nsource log: {pool.src.vm.lines[-6:]}"
-                                     f"\ndestination log: {pool.dst.vm.lines[-6:]}") from e
+    pool = Pool(hosts)
+    for n in range(CASES):
+        case = draw(rng, n, pool.src.side, link.netem)
+        try:
+            run_case(pool, link, case, 5000 + n)
+        except BaseException as e:
             log.append(case.line())
-            print(log[-1], flush=True)
-            next_roles(pool, case)
-    finally:
-        pool.close()
+            raise AssertionError(f"{e}\n" + "\n".join(log) + f"\nsource log: {pool.src.vm.lines[-6:]}"
+                                 f"\ndestination log: {pool.dst.vm.lines[-6:]}") from e
+        log.append(case.line())
+        print(log[-1], flush=True)
+        next_roles(pool, case)
     print(f"{CASES} migrations in {time.monotonic() - t_suite:.0f} s; {pool.started} VMs started", flush=True)
 
 
@@ -460,7 +485,7 @@ def migration_events(h: Host) -> list[str]:
 @pytest.mark.skipif(postcopy_uffd.available() is not None, reason="no userfaultfd")
 @pytest.mark.timeout(300)
 def test_postcopy_survives_a_silent_link_three_times_once_in_the_recovery_handshake(
-    tmp_path: Path, link: netns.Link
+    link: netns.Link, hosts: MakeHost
 ) -> None:
     """With the default ``x-tcp-user-timeout``: each silence is noticed by both sides
     within 10 s (postcopy-paused), both recover over a new connection, and the guest ends
@@ -468,8 +493,8 @@ def test_postcopy_survives_a_silent_link_three_times_once_in_the_recovery_handsh
     the destination is held (SIGSTOP) after ``migrate-recover`` while the source connects
     (its kernel still accepts) and sends RECV_BITMAP; the link goes silent, the
     destination is let go and answers with its bitmaps into the silence."""
-    src = Host(tmp_path, link, "a", "src", "--dirty-rate", "8M", memory="128M")
-    dst = Host(tmp_path, link, "b", "dst", "-S", memory="128M", incoming=True)  # -S: its guest stays paused
+    src = hosts("a", "src", "--dirty-rate", "8M", memory="128M")
+    dst = hosts("b", "dst", "-S", memory="128M", incoming=True)  # -S: its guest stays paused
     outages: list[Outage] = []
     try:
         assert src("query-migrate-parameters")["x-tcp-user-timeout"] == DEFAULT_TCP_USER_TIMEOUT_MS
@@ -527,7 +552,3 @@ def test_postcopy_survives_a_silent_link_three_times_once_in_the_recovery_handsh
     finally:
         for o in outages:
             print(o.line(), flush=True)
-        if dst.stopped:
-            dst.sigcont()
-        src.close()
-        dst.close()

@@ -32,7 +32,11 @@ class VmProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.address, self.incoming = self._wait_ready()
+        try:
+            self.address, self.incoming = self._wait_ready()
+        except BaseException:
+            self.kill()  # a VM that never got ready is not left running
+            raise
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
