@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any
 
+from livemig.control.convergence_commands import ConvergenceCommands
 from livemig.control.postcopy_commands import PostcopyCommands
 from livemig.control.qmp_server import QMPError, QMPServer
 from livemig.devices.virtio_mem import VirtioMemError
@@ -30,7 +31,7 @@ from livemig.migration.transport.tls_errors import TLSConfigError
 log = logging.getLogger(__name__)
 
 
-class VMController(PostcopyCommands):
+class VMController(PostcopyCommands, ConvergenceCommands):
     """Owns one machine and its migrations; registers the QMP commands."""
 
     def __init__(self, machine: Machine, qmp: QMPServer | None = None, autostart: bool = True):
@@ -93,6 +94,7 @@ class VMController(PostcopyCommands):
         }.items():
             qmp.register(name, fn)
         self.register_postcopy(qmp)
+        self.register_convergence(qmp)
 
     # -- run state ------------------------------------------------------------------------------------
     def query_status(self) -> dict[str, Any]:
@@ -172,6 +174,7 @@ class VMController(PostcopyCommands):
                 raise QMPError("There's a migration process in progress")
             if self.machine.runstate in ("inmigrate", "shutdown"):
                 raise QMPError(f"Cannot migrate a VM in state '{self.machine.runstate}'")
+            self.check_not_blocked()
             try:
                 target = parse_uri(uri)
             except URIError as e:
@@ -213,10 +216,10 @@ class VMController(PostcopyCommands):
 
     def query_migrate(self) -> dict[str, Any]:
         if self.outgoing is not None:
-            return self.outgoing.info()
+            return self.with_blocked_reasons(self.outgoing.info())
         if self.incoming is not None:
-            return self.incoming.info()
-        return {}
+            return self.with_blocked_reasons(self.incoming.info())
+        return self.with_blocked_reasons({})
 
     def _config_change_allowed(self) -> None:
         if self.outgoing is not None and self.outgoing.is_running():
@@ -243,6 +246,14 @@ class VMController(PostcopyCommands):
         tls_authz: str | None = None,
         x_file_overwrite: bool | None = None,
         max_postcopy_bandwidth: int | None = None,
+        throttle_trigger_threshold: int | None = None,
+        cpu_throttle_initial: int | None = None,
+        cpu_throttle_increment: int | None = None,
+        cpu_throttle_tailslow: bool | None = None,
+        max_cpu_throttle: int | None = None,
+        x_vcpu_dirty_limit_period: int | None = None,
+        vcpu_dirty_limit: int | None = None,
+        avail_switchover_bandwidth: int | None = None,
     ) -> None:
         given = {
             "max-bandwidth": max_bandwidth,
@@ -254,6 +265,14 @@ class VMController(PostcopyCommands):
             "tls-authz": tls_authz,
             "x-file-overwrite": x_file_overwrite,
             "max-postcopy-bandwidth": max_postcopy_bandwidth,
+            "throttle-trigger-threshold": throttle_trigger_threshold,
+            "cpu-throttle-initial": cpu_throttle_initial,
+            "cpu-throttle-increment": cpu_throttle_increment,
+            "cpu-throttle-tailslow": cpu_throttle_tailslow,
+            "max-cpu-throttle": max_cpu_throttle,
+            "x-vcpu-dirty-limit-period": x_vcpu_dirty_limit_period,
+            "vcpu-dirty-limit": vcpu_dirty_limit,
+            "avail-switchover-bandwidth": avail_switchover_bandwidth,
         }
         try:
             self.params.set({k: v for k, v in given.items() if v is not None})

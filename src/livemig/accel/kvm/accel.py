@@ -49,6 +49,7 @@ from livemig.accel.kvm.cpu_state import (
 )
 from livemig.accel.kvm.runner import VcpuRunner
 from livemig.accel.kvm.vm import KvmDirtyLog, KvmVm, VcpuExit
+from livemig.accel.throttle import VcpuThrottle
 from livemig.devices.state import StateRegistry
 from livemig.memory import hostmem
 from livemig.memory.dirty_log import BitmapDirtyLog
@@ -185,6 +186,7 @@ class KvmAccel:
         pages the guest agent found in unplugged blocks (see ``KvmGuestAgent``)."""
         self.layout = gp.DEFAULT_LAYOUT
         self.runner: VcpuRunner | None = None
+        self.throttle = VcpuThrottle()  # auto-converge / dirty-limit: the runner paces it
         self.interrupt = threading.Event()
         self.closed = False
         self._lock = threading.Lock()
@@ -257,7 +259,10 @@ class KvmAccel:
             raise ValueError(f"a KVM guest runs the guest program on 1 vCPU, not {count}")
         if self.runner is not None:
             raise RuntimeError("vCPUs already started")
-        self.runner = VcpuRunner(self.vcpu, on_exit=lambda ex: on_exit(0, ex), name="kvm-vcpu0")
+        self.runner = VcpuRunner(
+            self.vcpu, on_exit=lambda ex: on_exit(0, ex), name="kvm-vcpu0",
+            pace=lambda: self.throttle.pace(0),
+        )
         self.runner.start(paused=True)
 
     def vcpu_native_ids(self) -> list[int]:
@@ -286,6 +291,7 @@ class KvmAccel:
             if r is None:
                 return
             self.interrupt.set()
+            self.throttle.wake()
             try:
                 r.pause(timeout)
             finally:
@@ -313,6 +319,7 @@ class KvmAccel:
             return
         self.closed = True
         self.interrupt.set()
+        self.throttle.wake()
         if self.runner is not None:
             try:
                 self.runner.stop()

@@ -39,9 +39,11 @@ class VcpuRunner:
         vcpu: KvmVcpu,
         on_exit: Callable[[VcpuExit], None] | None = None,
         name: str | None = None,
+        pace: Callable[[], object] | None = None,
     ):
         self.vcpu = vcpu
         self.on_exit = on_exit
+        self.pace = pace  # before each KVM_RUN: a throttled vCPU sleeps here (accel.throttle)
         self.exits = 0
         self.last_exit: VcpuExit | None = None
         self.park_exit: VcpuExit | None = None  # the exit at which the runner last parked
@@ -136,6 +138,8 @@ class VcpuRunner:
         ex: VcpuExit | None = None
         try:
             while True:
+                if self.pace is not None:
+                    self.pace()  # kept out of KVM_RUN for its throttle share
                 with self._cv:
                     if self._should_park(ex) and not self._stop:
                         self.vcpu.cancel_kick()  # a kick that came too late
