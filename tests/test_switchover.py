@@ -5,6 +5,7 @@ expected-downtime, calc-dirty-rate / query-dirty-rate, blocked-reasons.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -232,3 +233,29 @@ def test_calc_dirty_rate_errors_and_the_dirty_bitmap_blocker(dirtying, tmp_path)
     ctl.migrate_cancel()
     assert ctl.outgoing.wait(30) and ctl.outgoing.status == "cancelled"
     assert m.runstate == "running"
+
+
+POSTCOPY_PORTED = importlib.util.find_spec("livemig.migration.postcopy.urgent") is not None
+
+
+@pytest.mark.skipif(not POSTCOPY_PORTED, reason="postcopy is not yet ported onto the new "
+                    "migration engine on this branch (migration/postcopy/urgent.py is missing)")
+@pytest.mark.parametrize("pair", [64 * MiB], indirect=True)
+def test_pause_before_switchover_holds_the_switch_to_postcopy(pair) -> None:  # noqa: ANN001
+    src, dst, cs, cd = pair
+    boot(src)
+    cs.migrate_set_capabilities([{"capability": "postcopy-ram", "state": True},
+                                 {"capability": "pause-before-switchover", "state": True}])
+    cd.migrate_set_capabilities([{"capability": "postcopy-ram", "state": True}])
+    cs.migrate_set_parameters(max_bandwidth=16 * MiB)
+    cd.migrate_incoming("tcp:127.0.0.1:0")
+    cs.migrate(str(cd.incoming.uri))
+    wait_for(lambda: cs.query_migrate()["status"] == "active", what="active")
+    cs.migrate_start_postcopy()
+    wait_for(lambda: cs.query_migrate()["status"] == "pre-switchover", what="pre-switchover")
+    time.sleep(0.5)
+    assert cs.query_migrate()["status"] == "pre-switchover" and src.runstate == "finish-migrate"
+    assert cd.query_migrate()["status"] not in ("postcopy-active", "completed")
+    cs.migrate_continue("pre-switchover")
+    assert cs.outgoing.wait(60) and cs.query_migrate()["status"] == "completed", cs.query_migrate()
+    assert cd.incoming.wait(30) and cd.query_migrate()["status"] == "completed"
