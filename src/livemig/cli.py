@@ -82,11 +82,22 @@ def add_vm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", default="warning", help="log level")
     p.add_argument("--tls-creds", help="TLS credentials directory (QEMU's x509 layout) for migrations")
     p.add_argument("--tls-authz", help="client certificate names an incoming migration accepts (a,b,...)")
+    g = p.add_argument_group("the user's guest (--accel kvm; docs/machine.md)")
+    g.add_argument("--boot-sector", metavar="FILE", help="boot a 512-byte boot sector at 0x7c00, real mode")
+    g.add_argument("--kernel", metavar="FILE", help="boot a Multiboot kernel (ELF32 or a.out kludge)")
+    g.add_argument("--append", metavar="CMDLINE", help="the kernel's command line (with --kernel)")
+    g.add_argument("--serial", metavar="BACKEND",
+                   help="COM1: file:PATH, stdio, unix:PATH,server[,wait=off], null (default) or none")
+    g.add_argument("--device", action="append", default=[], metavar="SPEC",
+                   help="isa-debug-exit[,iobase=0xf4][,iosize=4] (may repeat)")
 
 
 def build_machine(args: argparse.Namespace) -> Any:
+    from livemig.devices.chardev import parse_chardev
+    from livemig.devices.isa import parse_device
     from livemig.guest.workload import WorkloadConfig
     from livemig.machine import Machine, MachineConfig
+    from livemig.machine.machine import NULL_SERIAL
 
     wl = WorkloadConfig(
         vcpus=args.vcpus,
@@ -103,6 +114,11 @@ def build_machine(args: argparse.Namespace) -> Any:
         accel=args.accel,
         workload=wl,
         incoming=args.incoming is not None,
+        boot_sector=args.boot_sector,
+        kernel=args.kernel,
+        append=args.append,
+        serial=NULL_SERIAL if args.serial is None else parse_chardev(args.serial),
+        devices=tuple(parse_device(d) for d in args.device),
     )
     return Machine(cfg)
 
@@ -136,9 +152,13 @@ def cmd_vm(args: argparse.Namespace) -> int:
         machine.close()
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: ctl.quit_requested.set())
+        signal.signal(sig, lambda *_: ctl.host_quit("host-signal"))
     try:
-        if args.incoming and args.incoming != "defer":
+        if machine.board is not None:
+            machine.board.wait_serial_client(ctl.quit_requested)  # unix:...,server,wait=on
+        if ctl.quit_requested.is_set():
+            pass
+        elif args.incoming and args.incoming != "defer":
             from livemig.control.qmp_server import QMPError
 
             try:
@@ -154,7 +174,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     finally:
         qmp.stop()
         machine.close()
-    return 0
+    return ctl.exit_status  # isa-debug-exit: (value << 1) | 1, as QEMU
 
 
 # -- livemig migrate / info ----------------------------------------------------------------------

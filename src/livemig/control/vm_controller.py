@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from livemig.control.convergence_commands import ConvergenceCommands
+from livemig.control.machine_commands import MachineCommands
 from livemig.control.postcopy_commands import PostcopyCommands
 from livemig.control.qmp_server import QMPError, QMPServer
 from livemig.devices.virtio_mem import VirtioMemError
@@ -31,7 +32,7 @@ from livemig.migration.transport.tls_errors import TLSConfigError
 log = logging.getLogger(__name__)
 
 
-class VMController(PostcopyCommands, ConvergenceCommands):
+class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
     """Owns one machine and its migrations; registers the QMP commands."""
 
     def __init__(self, machine: Machine, qmp: QMPServer | None = None, autostart: bool = True):
@@ -48,6 +49,7 @@ class VMController(PostcopyCommands, ConvergenceCommands):
         machine.runstate_listeners.append(self._runstate_changed)
         if machine.vmem is not None:
             machine.vmem.on_size_change.append(self._size_changed)
+        self.attach_machine_events()
         if qmp is not None:
             self._register(qmp)
 
@@ -75,7 +77,6 @@ class VMController(PostcopyCommands, ConvergenceCommands):
             "stop": self.stop,
             "cont": self.cont,
             "quit": self.quit,
-            "system_reset": self.system_reset,
             "qom-get": self.qom_get,
             "qom-set": self.qom_set,
             "query-memory-devices": self.query_memory_devices,
@@ -94,6 +95,7 @@ class VMController(PostcopyCommands, ConvergenceCommands):
         }.items():
             qmp.register(name, fn)
         self.register_postcopy(qmp)
+        self.register_machine_commands(qmp)
         self.register_convergence(qmp)
 
     # -- run state ------------------------------------------------------------------------------------
@@ -118,11 +120,7 @@ class VMController(PostcopyCommands, ConvergenceCommands):
         self.machine.cont()
 
     def quit(self) -> None:
-        self.quit_requested.set()
-
-    def system_reset(self) -> None:
-        if self.machine.vmem is not None:
-            self.machine.vmem.reset()
+        self.host_quit("host-qmp-quit")
 
     # -- QOM --------------------------------------------------------------------------------------------
     def _vmem_for(self, path: str) -> Any:
@@ -210,9 +208,18 @@ class VMController(PostcopyCommands, ConvergenceCommands):
             self.incoming.start()
 
     def migrate_cancel(self) -> None:
+        """Cancel the outgoing migration; on a destination, the incoming one (whatever its
+        peer does: idle, dripping, gone), which then accepts a new ``migrate-incoming``."""
         self.check_cancel_allowed()
-        if self.outgoing is not None:
+        if self.outgoing is not None and self.outgoing.is_running():
             self.outgoing.cancel()
+            return
+        inc = self.incoming
+        if inc is not None and inc.job.running:
+            if inc.status in status.POSTCOPY:
+                raise QMPError("Postcopy migration cannot be cancelled (use migrate-pause and recover)")
+            inc.cancel()
+            inc.wait(30)
 
     def query_migrate(self) -> dict[str, Any]:
         if self.outgoing is not None:

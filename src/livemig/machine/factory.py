@@ -11,14 +11,21 @@ chosen.
   :class:`~livemig.accel.kvm.agent.KvmGuestAgent`; device memory right after base RAM,
   below 4 GiB, because the guest runs without paging.
 * ``auto``: ``kvm`` if ``/dev/kvm`` can be opened, else ``soft``.
+
+With ``--boot-sector``/``--kernel`` (:class:`UserCode`) the KVM vCPU runs the user's code,
+and :class:`~livemig.accel.kvm.user_guest.UserGuest` (its devices' exits) stands where the
+guest agent would.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from livemig.accel.kvm import kvm_available
 from livemig.accel.soft import SoftAccel
+from livemig.devices.ioport import IoBus
+from livemig.guest.boot_image import BootImage
 from livemig.guest.usable_memory import UsableMemory
 from livemig.guest.workload import Workload, WorkloadConfig
 from livemig.memory.ram_block import PAGE_SIZE
@@ -59,11 +66,15 @@ def create(
     usable: UsableMemory,
     workload: WorkloadConfig,
     incoming: bool = False,
+    user: UserCode | None = None,
 ) -> tuple[Any, Any]:
     """(accelerator, guest) for a machine whose memory map is complete.
 
     ``incoming``: the guest's state (program, registers) will come from a migration.
+    ``user``: the user's code runs instead of livemig's guest (KVM only), with its devices.
     """
+    if user is not None:
+        return _create_user(accel, memory, workload, incoming, user)
     if accel == "kvm":
         from livemig.accel.kvm.accel import KvmAccel
         from livemig.accel.kvm.agent import KvmGuestAgent
@@ -80,3 +91,28 @@ def create(
         raise ValueError(f"unknown accelerator {accel!r}")
     soft = SoftAccel(memory)
     return soft, Workload(soft, usable, workload)
+
+
+@dataclass
+class UserCode:
+    """The user's guest: its boot image, the port bus its devices sit on, the machine."""
+
+    boot: BootImage
+    bus: IoBus
+    system: Any  # accel.kvm.user_guest.GuestSystem (the machine)
+
+
+def _create_user(
+    accel: str, memory: GuestMemoryMap, workload: WorkloadConfig, incoming: bool, user: UserCode
+) -> tuple[Any, Any]:
+    if accel != "kvm":
+        raise ValueError(f"--boot-sector and --kernel run on --accel kvm, not {accel}")
+    if workload.vcpus != 1:
+        raise ValueError(f"the user's guest runs on 1 vCPU, not {workload.vcpus} (--vcpus)")
+    from livemig.accel.kvm.accel import KvmAccel
+    from livemig.accel.kvm.user_guest import UserGuest
+
+    kvm = KvmAccel(memory, incoming=incoming, boot=user.boot)
+    guest = UserGuest(kvm.vcpu, user.bus, user.system)
+    kvm.exit_handler = guest.handle
+    return kvm, guest

@@ -14,16 +14,21 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from livemig.devices.chardev import ChardevSpec
+from livemig.devices.isa import DeviceSpec
 from livemig.devices.state import StateRegistry
 from livemig.devices.virtio_mem import VirtioMem
+from livemig.guest.boot_image import BootImage, MemoryLayout
 from livemig.guest.usable_memory import UsableMemory
 from livemig.guest.virtio_mem_driver import VirtioMemDriver
 from livemig.guest.workload import WorkloadConfig, guest_state_section
+from livemig.machine.board import Board, load_image
+from livemig.machine.factory import UserCode, device_memory_addr
 from livemig.machine.factory import create as create_accel
-from livemig.machine.factory import device_memory_addr
 from livemig.machine.factory import resolve as resolve_accel
 from livemig.memory.checksum import memory_checksum
 from livemig.memory.dirty_log import DirtyLog
@@ -33,6 +38,8 @@ from livemig.memory.region import GuestMemoryMap, MemoryRegion
 log = logging.getLogger(__name__)
 
 MAX_BASE_RAM = 3 << 30
+NULL_SERIAL = ChardevSpec("null", text="null")
+"""The default COM1 backend of the user's guest: a port that exists, output discarded."""
 RUNSTATES = (
     "prelaunch",
     "running",
@@ -42,7 +49,10 @@ RUNSTATES = (
     "finish-migrate",
     "restore-vm",
     "shutdown",
+    "internal-error",
 )
+NEEDS_RESET = ("shutdown", "internal-error")
+EventFn = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -65,6 +75,16 @@ class MachineConfig:
     accel: str = "soft"
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     incoming: bool = False
+    boot_sector: str | None = None
+    kernel: str | None = None
+    append: str | None = None
+    serial: ChardevSpec | None = NULL_SERIAL
+    """COM1's backend (None: no serial port); only with ``boot_sector``/``kernel``."""
+    devices: tuple[DeviceSpec, ...] = ()
+
+    @property
+    def user_guest(self) -> bool:
+        return bool(self.boot_sector or self.kernel)
 
 
 class Machine:
@@ -100,24 +120,71 @@ class Machine:
             )
             self.memory.add(self.vmem_mr)
         self.usable = UsableMemory()
-        self.accel, self.workload = create_accel(
-            accel, self.memory, self.usable, config.workload, config.incoming
-        )
+        self.runstate = "inmigrate" if config.incoming else "prelaunch"
+        self.runstate_listeners: list[Callable[[str, str], None]] = []
+        self.event_listeners: list[EventFn] = []
+        """QMP-level events the machine raises itself (RESET, SHUTDOWN): (name, data)."""
+        self.exit_listeners: list[Callable[[int], None]] = []
+        """Called with the status when the guest ends the VM (the VM process then exits)."""
+        self.exit_status: int | None = None
+        """Set when the guest ended the VM (isa-debug-exit): the process's exit status."""
+        self._lock = threading.RLock()
+        self._started = False
+        self.board: Board | None = None
+        self.boot: BootImage | None = None
+        try:
+            self.boot, self.board = self._user_guest(config)
+            user = None if self.board is None else UserCode(self.boot, self.board.bus, self)
+            self.accel, self.workload = create_accel(
+                accel, self.memory, self.usable, config.workload, config.incoming, user
+            )
+        except BaseException:
+            self._close_parts()
+            raise
         # every component registers the state it migrates, in stream order (devices/state.py)
         self.state = StateRegistry()
         if self.vmem is not None:
             self.vmem.register_state(self.state)
         self.accel.register_state(self.state)
-        self.state.register(guest_state_section(self.workload, config.workload.vcpus))
+        if self.board is not None:
+            self.board.register_state(self.state)
+        else:
+            self.state.register(guest_state_section(self.workload, config.workload.vcpus))
         self.driver: VirtioMemDriver | None = None
-        self.runstate = "inmigrate" if config.incoming else "prelaunch"
-        self.runstate_listeners: list[Callable[[str, str], None]] = []
-        self._lock = threading.RLock()
-        self._started = False
+
+    def _user_guest(self, config: MachineConfig) -> tuple[Any, Board | None]:
+        """The user's boot image and devices (``--boot-sector``/``--kernel``), or Nones."""
+        if not config.user_guest:
+            if config.serial is not NULL_SERIAL or config.devices:
+                what = "--serial" if config.serial is not NULL_SERIAL else "--device"
+                raise ValueError(
+                    f"{what} needs --boot-sector or --kernel (livemig's own guest has no devices)"
+                )
+            if config.append is not None:
+                raise ValueError("--append needs --kernel (it is the kernel's command line)")
+            return None, None
+        regions = () if self.vmem_mr is None else ((self.vmem_mr.addr, self.vmem_mr.size),)
+        layout = MemoryLayout(config.memory, regions)
+        boot = load_image(config.boot_sector, config.kernel, config.append, layout)
+        return boot, Board(config.serial, config.devices, self)
+
+    def _close_parts(self) -> None:
+        if self.board is not None:
+            self.board.close()
+        for block in self.memory.blocks:
+            block.close()
 
     # -- life cycle ------------------------------------------------------------------------------
     def _boot_guest(self, adopt_plugged: np.ndarray | None) -> None:
-        """Start the guest side: allocator view, virtio-mem driver and vCPUs."""
+        """Start the guest side: allocator view, virtio-mem driver and vCPUs.
+
+        The user's guest gets no virtio-mem driver (it would need its own): a requested
+        size is then recorded by the device and acted on by nobody.
+        """
+        if self.board is not None:
+            self.accel.start_vcpus(self.config.workload.vcpus, self.workload.vcpu)
+            self._started = True
+            return
         ppb = self.ram.block.pages
         with self.usable.lock:
             self.usable.add(self.ram, 0, ppb)
@@ -186,6 +253,8 @@ class Machine:
 
     def cont(self) -> None:
         with self._lock:
+            if self.runstate in NEEDS_RESET:
+                raise RuntimeError("Resetting the Virtual Machine is required")
             if not self._started:
                 if self.runstate == "inmigrate":
                     raise RuntimeError("guest is waiting for an incoming migration")
@@ -202,8 +271,84 @@ class Machine:
 
     def close(self) -> None:
         self.shutdown()
-        for block in self.memory.blocks:
-            block.close()
+        self._close_parts()
+
+    # -- what the guest asks of the machine (devices.ioport.SystemControl) -------------------
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        for fn in list(self.event_listeners):
+            try:
+                fn(event, data)
+            except Exception:
+                log.exception("event listener failed")
+
+    def _from_guest(self, what: str, fn: Callable[[], None]) -> None:
+        """Hold the vCPU now; act on another thread (the vCPU thread must not wait for us)."""
+        self.accel.hold_vcpu()
+        threading.Thread(target=fn, name=f"machine-{what}", daemon=True).start()
+
+    def request_reset(self, reason: str) -> None:
+        """Port 0x92 bit 0 or a triple fault: reset as ``system_reset`` does."""
+        self._from_guest("reset", lambda: self.reset(reason, guest=True))
+
+    def request_exit(self, status: int) -> None:
+        """isa-debug-exit: the VM ends, and its process exits with ``status``."""
+        self._from_guest("exit", lambda: self.guest_exit(status))
+
+    def request_error(self, message: str) -> None:
+        """An exit nothing can handle: stop in ``internal-error``, as QEMU does."""
+
+        def stop() -> None:
+            log.error("guest stopped: %s", message)
+            with self._lock:
+                self._set_runstate("internal-error")
+
+        self._from_guest("error", stop)
+
+    def reset(self, reason: str = "host-qmp-system-reset", guest: bool = False) -> None:
+        """A system reset: devices, the vCPU and the loaded image; emits RESET.
+
+        Memory is kept, as a PC keeps it; virtio-mem unplugs everything (its reset).
+        """
+        with self._lock:
+            if self.runstate == "inmigrate":
+                raise RuntimeError("cannot reset a VM waiting for an incoming migration")
+            if self.exit_status is not None:
+                return  # the guest ended the VM; its process is on its way out
+            running = self.runstate == "running"
+            if self._started:
+                self.accel.pause()
+            if self.vmem is not None:
+                self.vmem.reset()
+            if self.board is not None:
+                self.board.reset()
+                self.accel.reset_cpu()
+            self.accel.release_vcpu()
+            self._emit("RESET", {"guest": guest, "reason": reason})
+            if self.runstate in NEEDS_RESET:
+                self._set_runstate("paused")  # what needed a reset has had it: 'cont' may go on
+            if running:
+                self.accel.resume()
+
+    def guest_exit(self, status: int) -> None:
+        """The guest ended the VM: SHUTDOWN, runstate ``shutdown``, ``exit_status`` set."""
+        with self._lock:
+            self.exit_status = status
+            self._emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+            self._set_runstate("shutdown")
+            for fn in list(self.exit_listeners):
+                fn(status)
+
+    def inspect_cpu(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with the vCPU held still (registers), resuming it if it was running."""
+        with self._lock:
+            running = self._started and self.runstate == "running"
+            if running:
+                self.accel.pause()
+            try:
+                return fn()
+            finally:
+                if running:
+                    self.accel.resume()
 
     # -- what migration sees (migration.core.vm.MigratableVM) -------------------------------------
     @property

@@ -30,6 +30,7 @@ import numpy as np
 from livemig.devices.state import LoadContext, StateSection
 from livemig.migration.channels import Listener, MigrationURI, open_file_for_read
 from livemig.migration.core import status
+from livemig.migration.core.deadline import Deadline
 from livemig.migration.core.job import MigrationJob
 from livemig.migration.core.params import KNOWN_CAPABILITIES, Capabilities
 from livemig.migration.core.vm import MigratableVM
@@ -52,6 +53,8 @@ from livemig.migration.transport.tls_errors import TLSError
 log = logging.getLogger(__name__)
 
 READ_BUFFER = 4 << 20
+SETUP_DEADLINE = 10.0
+"""Seconds from the source's connection to the end of its configuration section."""
 VALIDATED_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
 """Capabilities that change the stream format: source and destination must agree."""
 
@@ -142,7 +145,7 @@ class IncomingMigration:
         return listener
 
     def wake_main(self) -> None:
-        """Make a read blocked on the main channel return (a channel failed)."""
+        """Make a read blocked on the main channel return (a channel failed, a deadline)."""
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RD)
@@ -259,14 +262,34 @@ class IncomingMigration:
 
     # -- the stream ------------------------------------------------------------------------
     def load_stream(self, r: QEMUFileReader) -> None:
+        if self.sock is not None:
+            # a peer that connects and then sends nothing (or a byte now and then) must not
+            # hold the destination: the header and configuration come within a deadline
+            with Deadline(SETUP_DEADLINE, self.wake_main, "the source's stream header") as d:
+                try:
+                    self._read_start(r)
+                except (OSError, StreamError) as e:
+                    if d.expired:
+                        raise StreamError(r.tell(), d.message()) from e
+                    raise
+        else:
+            self._read_start(r)
+        self._load_sections(r)
+
+    def _read_start(self, r: QEMUFileReader) -> None:
+        """The header and the configuration section, which must come first."""
         savevm.read_header(r)
         head = r.peek(1)
         if not head:
             raise StreamError(r.tell(), "truncated stream: wanted 1 bytes, got 0 (configuration)")
         if head[0] != SectionType.CONFIGURATION:
             raise StreamError(r.tell(), "Configuration section missing")
+        hdr = savevm.read_section_header(r)
+        self._check_configuration(r, hdr.offset)
+
+    def _load_sections(self, r: QEMUFileReader) -> None:
         ids: dict[int, str] = {}
-        seen_config = False
+        seen_config = True
         saw_ram = False
         loaded: set[str] = set()
         while True:

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from livemig.migration.channels import MigrationURI, connect, open_file_for_write
 from livemig.migration.core import status
+from livemig.migration.core.deadline import Deadline
 from livemig.migration.core.guest import GuestControl
 from livemig.migration.core.job import Cancelled, MigrationJob, describe
 from livemig.migration.core.params import Capabilities, Parameters
@@ -58,6 +59,8 @@ from livemig.migration.transport.tls import TLSClient
 log = logging.getLogger(__name__)
 
 RETURN_PATH_TIMEOUT = 30.0
+COMPLETION_DEADLINE = 30.0
+"""Seconds from stopping the guest for the switchover to the destination's verdict."""
 MigrationCancelled = Cancelled  # the name modes and older callers know
 
 
@@ -241,6 +244,18 @@ class OutgoingMigration:
         """multifd: the main stream's writer counts the channels' bytes; pages go to them."""
         self.w = w
         self.sink = sink
+
+    def abort_io(self) -> None:
+        """Make every blocked read or write of this migration return (a deadline expired)."""
+        if self.multifd is not None:
+            self.multifd.abort()
+        self.shutdown_channel()
+
+    def completion_deadline(self) -> Deadline:
+        """A deadline from the switchover to the destination's verdict: a destination that
+        stalls then must not keep the source's guest stopped (the migration fails and the
+        guest runs again)."""
+        return Deadline(COMPLETION_DEADLINE, self.abort_io, "the switchover")
 
     def shutdown_channel(self) -> None:
         """Wake every thread blocked on the main channel (cancel, postcopy pause)."""
@@ -461,16 +476,22 @@ class Precopy:
         destination's verdict."""
         out = self.out
         w = out.writer
-        stop_at = out.stop_guest_and_sync("finish-migrate", status.DEVICE)
-        precopy_bytes = w.bytes_written
-        out.send_ram_section(SectionType.END, None)
-        out.sections.write_late(w)
-        out.write_stream_end(w)
-        w.flush()
-        st = out.ram.stats
-        st.precopy_bytes = precopy_bytes
-        st.downtime_bytes = w.bytes_written - precopy_bytes
-        out.wait_verdict()
+        with out.completion_deadline() as deadline:
+            try:
+                stop_at = out.stop_guest_and_sync("finish-migrate", status.DEVICE)
+                precopy_bytes = w.bytes_written
+                out.send_ram_section(SectionType.END, None)
+                out.sections.write_late(w)
+                out.write_stream_end(w)
+                w.flush()
+                st = out.ram.stats
+                st.precopy_bytes = precopy_bytes
+                st.downtime_bytes = w.bytes_written - precopy_bytes
+                out.wait_verdict()
+            except (OSError, StreamError) as e:
+                if deadline.expired:
+                    raise StreamError(w.bytes_written, deadline.message()) from e
+                raise
         out.downtime = int((time.monotonic() - stop_at) * 1000)
         out.completed()
 

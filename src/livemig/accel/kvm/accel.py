@@ -4,7 +4,9 @@
 :class:`~livemig.accel.soft.SoftAccel` (``name``, ``dirty_log``, ``pause``/``resume``/
 ``shutdown``, ``write``/``read``, ``discarded_writes``, ``start_vcpus``), on top of
 :class:`~livemig.accel.kvm.vm.KvmVm`, one vCPU running the guest program
-(``guest_program``) and a :class:`~livemig.accel.kvm.runner.VcpuRunner`.
+(``guest_program``) or the user's code (a ``BootImage``: ``user_guest``) and a
+:class:`~livemig.accel.kvm.runner.VcpuRunner`. Either way the vCPU gets a CPUID and its
+whole state travels in section ``livemig-kvm-cpu`` (``cpu_state``).
 
 Memory layout. The guest program runs in 32-bit protected mode without paging, so the
 guest reaches only guest-physical addresses below 4 GiB. Base RAM sits at 0 (it holds the
@@ -41,16 +43,14 @@ import numpy as np
 
 from livemig.accel.kvm import guest_program as gp
 from livemig.accel.kvm import ioctls as k
-from livemig.accel.kvm.cpu_state import (
-    CONTROL_REGS,
-    DESCRIPTOR_TABLES,
-    SEGMENT_REGS,
-    cpu_state_section,
-)
+from livemig.accel.kvm import ioctls_cpu as kc
+from livemig.accel.kvm.cpu_state import GENERAL_REGS, VcpuStateAccess, cpu_state_section
 from livemig.accel.kvm.runner import VcpuRunner
-from livemig.accel.kvm.vm import KvmDirtyLog, KvmVm, VcpuExit
+from livemig.accel.kvm.user_guest import apply_start, set_guest_cpuid
+from livemig.accel.kvm.vm import KvmDirtyLog, KvmError, KvmVm, VcpuExit, ensure_kick_signal
 from livemig.accel.throttle import VcpuThrottle
 from livemig.devices.state import StateRegistry
+from livemig.guest.boot_image import BootImage
 from livemig.memory import hostmem
 from livemig.memory.dirty_log import BitmapDirtyLog
 from livemig.memory.discard_manager import Section
@@ -66,8 +66,9 @@ PAGE = gp.PAGE
 PAUSE_TIMEOUT = 5.0
 """Seconds a pause may take: one yield interval normally, more while pages fault in."""
 
-GENERAL_REGS = tuple(name for name, _ in k.kvm_regs._fields_)
-"""rax..r15, rip, rflags: the order of ``struct kvm_regs``."""
+__all__ = ["GENERAL_REGS", "KvmAccel", "KvmLayoutError", "device_memory_addr"]
+ZERO_CHUNK = 1 << 20
+PENDING_IO_LIMIT = 1 << 16
 
 
 class KvmLayoutError(ValueError):
@@ -173,11 +174,23 @@ class KvmAccel:
 
     ``incoming``: the machine waits for a migration, so the program is not loaded and the
     vCPU keeps its reset state until :meth:`load_cpu_state` sets what the source saved.
+
+    ``boot``: the vCPU runs the user's code instead of the guest program: the image is
+    placed in memory and the vCPU set up as the loader said (again on every
+    :meth:`reset_cpu`); HLT halts the vCPU rather than ending its thread, and the machine's
+    ``UserGuest`` serves every exit (``exit_handler``).
     """
 
     name = "kvm"
 
-    def __init__(self, memory: GuestMemoryMap, *, incoming: bool = False, device: str = "/dev/kvm"):
+    def __init__(
+        self,
+        memory: GuestMemoryMap,
+        *,
+        incoming: bool = False,
+        device: str = "/dev/kvm",
+        boot: BootImage | None = None,
+    ):
         check_layout(memory)
         self.memory = memory
         self.ram, _ = memory.lookup(0)
@@ -189,6 +202,10 @@ class KvmAccel:
         self.throttle = VcpuThrottle()  # auto-converge / dirty-limit: the runner paces it
         self.interrupt = threading.Event()
         self.closed = False
+        self.boot = boot
+        self.exit_handler: Callable[[VcpuExit], None] | None = None
+        """Serves exits met while completing pending I/O (``UserGuest.handle``)."""
+        self.start_halted = False
         self._lock = threading.Lock()
         self.vm = KvmVm(device)
         try:
@@ -196,7 +213,14 @@ class KvmAccel:
                 self.vm.add_slot(mr.block, mr.addr, log_dirty=True)
             self.dirty_log = KvmAccelDirtyLog(self.vm)
             self.vcpu = self.vm.create_vcpu()
-            if not incoming:
+            set_guest_cpuid(self.vm, self.vcpu)
+            self.cpu_access = VcpuStateAccess(self.vm, self.vcpu)
+            self.power_on = self.cpu_access.save(self.vcpu, halted=False)
+            if boot is not None:
+                ensure_kick_signal()  # the user's code need not exit by itself
+                if not incoming:
+                    self.load_boot()
+            elif not incoming:
                 self.layout = gp.load(self.ram.block)
                 gp.prepare_vcpu(self.vcpu, self.layout)
         except BaseException:
@@ -247,20 +271,90 @@ class KvmAccel:
                     n += discarded_pages(mr, lo - mr.addr, hi - lo)
         return n
 
+    # -- the user's guest -------------------------------------------------------------------
+    def load_boot(self) -> None:
+        """Place the boot image in memory (logged dirty) and set the vCPU's start state."""
+        boot = self.boot
+        assert boot is not None
+        for gpa, data in boot.writes:
+            self.write(gpa, data)
+        zero = bytes(ZERO_CHUNK)
+        for gpa, n in boot.zeros:
+            for off in range(0, n, ZERO_CHUNK):
+                self.write(gpa + off, memoryview(zero)[: min(ZERO_CHUNK, n - off)])
+        apply_start(self.vcpu, boot.cpu)
+
+    def reset_cpu(self) -> None:
+        """A system reset of the user's guest (vCPU stopped): power-on state, image, start.
+
+        Guest memory is not cleared (a PC's is not either); what the loader placed is
+        placed again, as QEMU's ROM images are on reset.
+        """
+        self._check_stopped("resetting the vCPU")
+        self.complete_pending_io()
+        self.cpu_access.load(self.vcpu, self.power_on)
+        self.load_boot()
+        self.start_halted = False
+        if self.runner is not None:
+            self.runner.halted = False
+
+    def hold_vcpu(self) -> None:
+        """Keep the vCPU from executing another instruction until :meth:`release_vcpu`."""
+        if self.runner is not None:
+            self.runner.hold()
+
+    def release_vcpu(self) -> None:
+        if self.runner is not None:
+            self.runner.release()
+
+    @property
+    def halted(self) -> bool:
+        r = self.runner
+        return r.halted if r is not None else self.start_halted
+
+    def translate_range(self, linear: int, size: int) -> list[tuple[int, int]]:
+        """Guest-physical (address, length) pieces of [linear, +size) as the vCPU sees it.
+
+        Through the guest's page tables when paging is on (``KVM_TRANSLATE``, one call a
+        page); ValueError naming the address of a page that is not mapped. The vCPU must
+        be stopped (a vCPU ioctl waits for ``KVM_RUN`` to return).
+        """
+        if not self.vcpu.get_sregs().cr0 & (1 << 31):
+            return [(linear, size)]  # paging off: linear is physical
+        runs: list[tuple[int, int]] = []
+        at, end = linear, linear + size
+        while at < end:
+            n = min(PAGE - at % PAGE, end - at)
+            phys, valid = kc.translate(self.vcpu.fd, at)
+            if not valid:
+                raise ValueError(f"linear address {at:#x} is not mapped")
+            if runs and runs[-1][0] + runs[-1][1] == phys:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((phys, n))
+            at += n
+        return runs
+
     # -- the vCPU ---------------------------------------------------------------------------
     def start_vcpus(self, count: int, on_exit: Callable[[int, VcpuExit], None]) -> None:
         """Start the vCPU thread, parked: :meth:`resume` lets it run.
 
         ``on_exit(index, exit)`` runs on the vCPU thread after every exit (the guest agent:
-        it may change the target table at pass exits). One vCPU only: the guest program's
-        check (``check_pages``) models a single writer.
+        it may change the target table at pass exits; the user's guest: its devices). One
+        vCPU only: the guest program's check (``check_pages``) models a single writer.
         """
         if count != 1:
             raise ValueError(f"a KVM guest runs the guest program on 1 vCPU, not {count}")
         if self.runner is not None:
             raise RuntimeError("vCPUs already started")
+        user = self.boot is not None
         self.runner = VcpuRunner(
-            self.vcpu, on_exit=lambda ex: on_exit(0, ex), name="kvm-vcpu0",
+            self.vcpu,
+            on_exit=lambda ex: on_exit(0, ex),
+            name="kvm-vcpu0",
+            halt_on_hlt=user,
+            halted=self.start_halted,
+            all_exits=user,
             pace=lambda: self.throttle.pace(0),
         )
         self.runner.start(paused=True)
@@ -283,8 +377,10 @@ class KvmAccel:
     def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
         """Park the vCPU thread; afterwards no guest write is in flight.
 
-        The kick brings a vCPU inside ``KVM_RUN`` back at its next yield exit; ``interrupt``
-        cuts short an agent sleeping between passes, so parking does not wait out a throttle.
+        The kick brings a vCPU inside ``KVM_RUN`` back at its next yield exit (the guest
+        program), or at once with the kick signal (the user's code, which need not exit);
+        ``interrupt`` cuts short an agent sleeping between passes, so parking does not wait
+        out a throttle.
         """
         with self._lock:
             r = self._live_runner()
@@ -333,35 +429,34 @@ class KvmAccel:
             raise RuntimeError(f"{what}: the vCPU must be stopped")
 
     def register_state(self, registry: StateRegistry) -> None:
-        """The vCPU's registers travel in section ``livemig-kvm-cpu`` (``cpu_state``)."""
+        """The vCPU's whole state travels in section ``livemig-kvm-cpu`` (``cpu_state``)."""
         registry.register(cpu_state_section(self))
 
-    def save_cpu_state(self) -> dict[str, Any]:
-        """Registers needed to resume the vCPU elsewhere (the vCPU must be stopped).
+    def complete_pending_io(self) -> None:
+        """Finish an I/O instruction the vCPU exited for, serving any further exits it needs.
 
-        A pending ``out`` is completed first, so the saved RIP is after it and the
-        destination does not execute it a second time.
+        Done before the state is read, so the saved RIP is after the instruction and the
+        destination does not execute it (and repeat its output) a second time.
         """
+        for _ in range(PENDING_IO_LIMIT):
+            ex = self.vcpu.complete_pending_io()
+            if ex is None:
+                return
+            if self.exit_handler is None or ex.reason not in (k.KVM_EXIT_IO, k.KVM_EXIT_MMIO):
+                raise KvmError(f"completing pending I/O: unexpected exit {ex!r}")
+            self.exit_handler(ex)
+        raise KvmError("pending string I/O did not complete")
+
+    def save_cpu_state(self) -> dict[str, Any]:
+        """Everything KVM holds for the vCPU (which must be stopped); see ``cpu_state``."""
         self._check_stopped("saving vCPU state")
-        self.vcpu.complete_pending_io()
-        regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
-        state: dict[str, Any] = {name: getattr(regs, name) for name in GENERAL_REGS}
-        for name in (*SEGMENT_REGS, *DESCRIPTOR_TABLES, *CONTROL_REGS):
-            state[name] = getattr(sregs, name)
-        return state
+        self.complete_pending_io()
+        return self.cpu_access.save(self.vcpu, self.halted)
 
     def load_cpu_state(self, state: Mapping[str, Any]) -> None:
         """Set what :meth:`save_cpu_state` produced (decoded: nested dicts) on our vCPU."""
         self._check_stopped("loading vCPU state")
-        regs = k.kvm_regs()
-        for name in GENERAL_REGS:
-            setattr(regs, name, int(state[name]))
-        sregs = self.vcpu.get_sregs()  # keeps what is not migrated (interrupt bitmap)
-        for name in (*SEGMENT_REGS, *DESCRIPTOR_TABLES):
-            target = getattr(sregs, name)
-            for field, value in state[name].items():
-                setattr(target, field, int(value))
-        for name in CONTROL_REGS:
-            setattr(sregs, name, int(state[name]))
-        self.vcpu.set_sregs(sregs)
-        self.vcpu.set_regs(regs)
+        halted = self.cpu_access.load(self.vcpu, state)
+        self.start_halted = halted
+        if self.runner is not None:
+            self.runner.halted = halted

@@ -276,9 +276,11 @@ def ioctl(fd: int, request: int, arg: int | ctypes.Structure | None = 0, detail:
     ``arg`` is either an integer (passed by value, or an address) or a ctypes structure
     (passed by address, and filled in place for ioctls that write back).
     """
-    if isinstance(arg, ctypes.Structure):
-        arg = ctypes.addressof(arg)
-    r = _ioctl(fd, request, arg or None)
+    # ``arg`` must stay referenced until the call returns: rebinding it to its address
+    # would free a temporary structure (Python 3.11 hands the only reference to the
+    # callee) and the kernel would read memory the allocator already reused.
+    ptr = ctypes.addressof(arg) if isinstance(arg, ctypes.Structure) else arg
+    r = _ioctl(fd, request, ptr or None)
     if r < 0:
         raise KvmIoctlError(ctypes.get_errno(), IOCTL_NAMES.get(request, hex(request)), detail)
     return r

@@ -28,10 +28,12 @@ Design points, each forced by something measured on this platform (platform note
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import signal
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -71,6 +73,18 @@ def install_kick_signal(signum: int = signal.SIGUSR1) -> None:
         raise KvmError(f"signal {signum} already has a handler ({current!r}); pick another")
     signal.signal(signum, _ignore_signal)
     _kick_signal = signum
+
+
+def ensure_kick_signal() -> None:
+    """Install the kick signal unless it is: a guest that never exits needs it to pause.
+
+    KvmError if it cannot be (not on the main thread, or the signal is taken).
+    """
+    if _kick_signal is not None:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise KvmError("a KVM machine running the user's code must be created on the main thread")
+    install_kick_signal()
 
 
 def uninstall_kick_signal() -> None:
@@ -323,12 +337,15 @@ class KvmVcpu:
         self._thread = threading.get_ident()
         r = k.ioctl_run(self.fd)
         self._thread = None
-        run = self._run
-        run.immediate_exit = 0
+        self._run.immediate_exit = 0
         if r < 0:
             if r in (-errno.EINTR, -errno.EAGAIN):
                 return VcpuExit(k.KVM_EXIT_INTR)
             raise k.KvmIoctlError(-r, "KVM_RUN", f"vcpu={self.id}")
+        return self._decode_exit()
+
+    def _decode_exit(self) -> VcpuExit:
+        run = self._run
         reason = run.exit_reason
         if reason == k.KVM_EXIT_IO:
             io = run.exit.io
@@ -353,7 +370,8 @@ class KvmVcpu:
             )
         if reason == k.KVM_EXIT_INTERNAL_ERROR:
             i = run.exit.internal
-            return VcpuExit(reason, data=bytes(i.data[: min(i.ndata, 16)]), port=i.suberror)
+            n = min(i.ndata, 16)
+            return VcpuExit(reason, data=struct.pack(f"<{n}Q", *i.data[:n]), port=i.suberror)
         if reason == k.KVM_EXIT_FAIL_ENTRY:
             f = run.exit.fail_entry
             return VcpuExit(reason, port=f.hardware_entry_failure_reason)
@@ -374,19 +392,33 @@ class KvmVcpu:
             except ProcessLookupError:
                 pass  # the thread is gone; nothing to interrupt
 
-    def complete_pending_io(self) -> None:
+    def complete_pending_io(self) -> VcpuExit | None:
         """Let KVM finish an I/O instruction it exited for, without running the guest.
 
         After an I/O exit KVM completes the instruction (and advances RIP) only on the next
         ``KVM_RUN``. Reading registers for a snapshot before that would capture a RIP that
         re-executes the ``out``; a ``KVM_RUN`` with ``immediate_exit`` set completes it and
-        returns ``EINTR`` without entering the guest.
+        returns ``EINTR`` without entering the guest. A string instruction (``rep outsb``)
+        may need more than one exit to complete: the next one is returned, for the caller
+        to serve (an ``in`` wants its data) before calling again.
         """
         self._run.immediate_exit = 1
         r = k.ioctl_run(self.fd)
         self._run.immediate_exit = 0
         if r < 0 and r != -errno.EINTR:
             raise k.KvmIoctlError(-r, "KVM_RUN", f"vcpu={self.id}, immediate_exit")
+        return self._decode_exit() if r == 0 else None
+
+    def set_io_data(self, data: bytes) -> None:
+        """The bytes an ``in`` exit reads (``size * count``), before the next ``KVM_RUN``."""
+        io = self._run.exit.io
+        off = io.data_offset
+        self._mm[off : off + len(data)] = data
+
+    def set_mmio_data(self, data: bytes) -> None:
+        """The bytes an MMIO read exit reads (at most 8), before the next ``KVM_RUN``."""
+        m = self._run.exit.mmio
+        ctypes.memmove(ctypes.addressof(m.data), data, min(len(data), 8))
 
     def cancel_kick(self) -> None:
         """Drop a pending ``immediate_exit`` (e.g. one that arrived after the vCPU stopped)."""
@@ -401,7 +433,10 @@ class KvmVcpu:
         if self.fd < 0:
             return
         del self._run
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:  # a traceback still holds a view of the run page: GC closes it
+            pass
         os.close(self.fd)
         self.fd = -1
 
