@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -115,6 +117,38 @@ def test_memfd_data_extents_never_read_holes() -> None:
         assert block.data_page_mask(pages).tolist() == [False, True, False, True, True, False, False]
         # asking did not allocate anything
         assert block.allocated_bytes() == 11 * 4096
+    finally:
+        block.close()
+
+
+def test_memfd_data_extents_of_small_ranges_are_probed_exactly_and_fast() -> None:
+    """Small ranges are probed page by page (SEEK_HOLE would scan the whole run of data
+    after them): the same extents as the walk of a large range, at any position."""
+    rng = np.random.default_rng(7)
+    block = RAMBlock("t", 4 * MiB)
+    try:
+        npages = block.used_length // 4096
+        data = rng.random(npages) < 0.6
+        data[:64] = True  # a run of data at the start, then a few short ones
+        block.pages_array()[data] = 1
+        walked = list(block.data_extents(0, block.used_length))  # the SEEK_HOLE walk
+        for _ in range(300):
+            first = int(rng.integers(0, npages))
+            n = int(rng.integers(1, 17))
+            n = min(n, npages - first)
+            lo, hi = first * 4096, (first + n) * 4096
+            want = [(max(s, lo), min(e, hi)) for s, e in walked if s < hi and e > lo]
+            assert list(block.data_extents(lo, hi - lo)) == want, (first, n)
+        # and it stays quick where SEEK_HOLE would scan the 1 GiB behind the page
+        big = RAMBlock("big", 256 * MiB)
+        try:
+            big.pages_array()[:] = 3
+            t0 = time.perf_counter()
+            for _ in range(100):
+                assert big.data_extent_pages(0, 4096).tolist() == [[0, 1]]
+            assert (time.perf_counter() - t0) / 100 < 1e-3
+        finally:
+            big.close()
     finally:
         block.close()
 

@@ -13,6 +13,7 @@ Pages the destination wrote were already sent, so the mirrored content never tra
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import struct
 import threading
@@ -27,7 +28,11 @@ from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.discard_manager import Section
+from livemig.memory.ram_block import RAMBlock
 from livemig.migration.postcopy import placer as postcopy_uffd
+from livemig.migration.postcopy.handler import RECV_ZERO
+from livemig.migration.postcopy.handler_control import HandlerControl
+from livemig.migration.postcopy.received import ReceivedMap
 
 MiB, GiB = 1 << 20, 1 << 30
 PLUGGED = 160 * MiB
@@ -244,6 +249,7 @@ def finish_and_compare(src: Machine, dst: Machine, cs: VMController, cd: VMContr
     assert not np.any(ps.requested[vm_block].words & gone.words)
     assert not np.any(ps.sent[vm_block].words & gone.words)
     assert cs.query_migrate()["ram"]["postcopy-discarded-requests"] == 0
+    assert cd.query_migrate()["ram"]["unplugged-pages-received"] == 0  # the destination's audit
     summary = pc.summary[vm_block]
     unplugged = gone.count()
     assert summary["none"] + summary["local"] >= unplugged  # no data/zero record there
@@ -385,7 +391,7 @@ def test_fault_handler_death_pauses_and_recovers(pair) -> None:  # noqa: ANN001
     cs.params.set({"max-postcopy-bandwidth": 8 * MiB})
     start_postcopy(cs, cd, str(cd.incoming.uri))
     wait_for(lambda: mirror.writes > 500, what="guest activity")
-    cd.incoming.postcopy.proc.kill()
+    cd.incoming.postcopy.handler.proc.kill()
     wait_for(lambda: cs.outgoing.status == "postcopy-paused" and cd.incoming.status == "postcopy-paused",
              what="both paused")
     cd.migrate_recover("tcp:127.0.0.1:0")
@@ -404,9 +410,80 @@ def test_postcopy_ram_without_the_switch_completes_in_precopy(pair) -> None:  # 
     assert cs.outgoing.wait(60) and cs.outgoing.status == "completed", cs.query_migrate()
     assert cd.incoming.wait(30) and cd.incoming.status == "completed", cd.query_migrate()
     pc = cd.incoming.postcopy
-    assert pc.proc is None and pc.uffd == -1  # the advised handler was stopped
+    assert pc.handler.proc is None and pc.uffd == -1  # the advised handler was stopped
     assert src.checksum() == dst.checksum()
     assert unplugged_allocation(cd) == 0
+
+
+class HandlerEvents:
+    """What a fault handler reports, recorded (no VM process around it)."""
+
+    def __init__(self) -> None:
+        self.requests: list[list] = []
+        self.requested = threading.Event()
+        self.exited = threading.Event()
+
+    def channel_eos(self) -> None:
+        pass
+
+    def channel_lost(self, why: str) -> None:
+        pass
+
+    def forward_requests(self, pages: list[list]) -> None:
+        self.requests += pages
+        self.requested.set()
+
+    def handler_exited(self) -> None:
+        self.exited.set()
+
+
+@pytest.mark.parametrize("backend", ["memfd", "anon"])
+def test_fault_handler_survives_a_zero_page_noted_after_unregistering(backend: str) -> None:
+    """The race behind a rare failure of the anon-preempt case: a thread faults on a page
+    and the handler requests it; the page then arrives as a ZERO record on the main stream
+    just as completion unregisters guest RAM. Settling it (UFFDIO_ZEROPAGE) fails with
+    ENOENT then; the handler used to die of it, and its final statistics (request count,
+    blocktime) were lost. The real handler process, real userfaultfd."""
+    block = RAMBlock("pc.ram", 64 * 4096, backend)
+    fd = postcopy_uffd.open_uffd()
+    received = ReceivedMap([block])
+    events = HandlerEvents()
+    handler = HandlerControl(events)
+    reader: threading.Thread | None = None
+    try:
+        postcopy_uffd.register_missing(fd, block.host, block.used_length)
+        handler.spawn()
+        blocks = [{"idstr": block.idstr, "host": block.host, "length": block.used_length,
+                   "recv_off": 0, "plugged": None}]
+        handler.setup({"op": "setup", "blocks": blocks, "recv_size": received.size, "preempt": False,
+                       "blocktime": False, "cpu": -1, "nice": 0}, [fd, received.fd])
+        handler.give_channel(None)  # requests come back through forward_requests
+        handler.stats()  # a round trip: the channel is set before the fault (else it re-sends)
+        page = 3
+        buf = ctypes.create_string_buffer(4096)
+        reader = threading.Thread(target=ctypes.memmove, args=(buf, block.host + page * 4096, 4096),
+                                  daemon=True)
+        reader.start()
+        assert events.requested.wait(10) and events.requests == [[block.idstr, page]]
+        postcopy_uffd.unregister(fd, block.host, block.used_length)  # completion: wakes the reader
+        reader.join(10)
+        assert not reader.is_alive()
+        received.of(block)[page] = RECV_ZERO  # the loader notes the ZERO record
+        wait_for(lambda: handler.stats().get("pending") == 0 or events.exited.is_set(), what="settled")
+        assert not events.exited.is_set(), "the fault handler died"
+        assert handler.stats()["latency-count"] == 1
+    finally:
+        try:  # wakes a reader still waiting, before its memory goes
+            postcopy_uffd.unregister(fd, block.host, block.used_length)
+        except OSError:
+            pass
+        if reader is not None:
+            reader.join(10)
+        handler.close()
+        received.close()
+        os.close(fd)
+        if reader is None or not reader.is_alive():
+            block.close()
 
 
 def test_recv_bitmap_wire_format() -> None:

@@ -1,6 +1,6 @@
 """Background snapshots (``background-snapshot``) with real userfaultfd write protection.
 
-The snapshot writer is a forked child process. Protected memory is written by the soft
+The snapshot writer is a separate process, spawned (``python -m ...writer``), not forked. Protected memory is written by the soft
 guest's vCPUs, by plain Python threads through ``accel.write``, by a thread storing with
 numpy while it holds the GIL (the case in which a fault handler that needed this
 interpreter would deadlock), and by a KVM guest inside ``KVM_RUN``.
@@ -100,8 +100,9 @@ class StartState:
         self.pages_written = 0
         self.runstate = ""
 
-    def __call__(self, snap: BackgroundSnapshot) -> None:
-        m = snap.machine
+    def __call__(self, mode: BackgroundSnapshot) -> None:
+        m = mode.vm
+        assert isinstance(m, Machine)
         self.checksum = m.checksum()
         self.pages_written = m.workload.pages_written
         self.runstate = m.runstate
@@ -112,6 +113,12 @@ def start_state(monkeypatch: pytest.MonkeyPatch) -> StartState:
     st = StartState()
     monkeypatch.setattr(BackgroundSnapshot, "stopped_hooks", (st,))
     return st
+
+
+def snap(ctl: VMController) -> BackgroundSnapshot:
+    """The running snapshot's mode: the writer, its statistics, the write tracking."""
+    assert ctl.outgoing is not None and isinstance(ctl.outgoing.mode, BackgroundSnapshot)
+    return ctl.outgoing.mode
 
 
 def snapshot_caps(ctl: VMController) -> None:
@@ -183,7 +190,7 @@ def test_holes_of_plugged_memfd_memory_stay_holes(tmp_path: Path, start_state: S
         cs.params.set({"max-bandwidth": 1 * MiB})  # 73728 ZERO records: about 0.6 s
         path = tmp_path / "holes.stream"
         cs.migrate(f"file:{path}")
-        assert cs.outgoing.protected.wait(10)
+        assert snap(cs).protected.wait(10)
         # a plain Python thread writes (GIL held) into a protected hole and a protected data page
         hole_gpa = base + 200 * MiB
         src.accel.write(hole_gpa, b"\x77" * PAGE)
@@ -194,7 +201,7 @@ def test_holes_of_plugged_memfd_memory_stay_holes(tmp_path: Path, start_state: S
         assert ram["write-fault-pages"] >= 16  # the faulting hole and the holes beside it
         assert ram["hole-pages-skipped"] >= (256 + 32) * MiB // PAGE - 4
         assert allocation(cs)[0] == before + PAGE  # only the guest's own write filled a hole
-        assert cs.outgoing.tracking.populated_bytes == 2 * PAGE  # data extents only
+        assert snap(cs).tracking.populated_bytes == 2 * PAGE  # data extents only
         cd.migrate_incoming(f"file:{path}")
         assert cd.incoming.wait(60) and cd.incoming.status == "completed"
         assert dst.checksum() == start_state.checksum
@@ -236,8 +243,8 @@ def test_cancel_and_writer_death_release_the_guest(tmp_path: Path) -> None:
         cs.params.set({"max-bandwidth": 16 * MiB})
         for n, how in enumerate(("cancel", "kill")):
             cs.migrate(f"file:{tmp_path / f'{how}.stream'}")
-            wait_for(lambda: cs.outgoing.shared["transferred"] > 2 * MiB, what="writing")
-            pid = cs.outgoing.child_pid
+            wait_for(lambda: snap(cs).stats["transferred"] > 2 * MiB, what="writing")
+            pid = snap(cs).writer_pid
             if how == "cancel":
                 cs.migrate_cancel()
             else:
@@ -259,6 +266,100 @@ def test_cancel_and_writer_death_release_the_guest(tmp_path: Path) -> None:
         assert cs.outgoing.wait(60) and cs.outgoing.status == "completed"
     finally:
         src.close()
+
+
+def writer_descriptors(pid: int) -> list[str]:
+    """What each open descriptor of process ``pid`` refers to."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return out
+
+
+def test_the_writer_is_a_fresh_process_not_a_fork_of_the_vm(tmp_path: Path) -> None:
+    """issue 17: a fork of the multi-threaded VM process keeps every lock another thread
+    held at that moment, and every descriptor of the VM process. The writer is an exec'd
+    interpreter: its command line is its own, and it holds only what the set-up gave it —
+    not the other VM's memory in this process, not this process's sockets — and no
+    mapping of guest RAM."""
+    src, other = machine(False), machine(True, dirty_rate=0)
+    try:
+        cs = VMController(src)
+        boot(src, 128 * MiB)
+        snapshot_caps(cs)
+        cs.params.set({"max-bandwidth": 32 * MiB})  # about 5 s: long enough to look
+        cs.migrate(f"file:{tmp_path / 'fresh.stream'}")
+        assert snap(cs).protected.wait(30)
+        pid = snap(cs).writer_pid
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"livemig.migration.snapshot.writer" in argv, argv
+        with open(f"/proc/{pid}/status") as f:
+            assert f"PPid:\t{os.getpid()}" in f.read().splitlines()
+        fds = writer_descriptors(pid)
+        memfds = sorted(t for t in fds if t.startswith("/memfd:livemig:"))
+        # the source's fd-backed blocks (for SEEK_DATA), never the other VM's
+        assert memfds == sorted(f"/memfd:livemig:{b.idstr} (deleted)" for b in src.blocks), fds
+        assert sum(t == "anon_inode:[userfaultfd]" for t in fds) == 1, fds
+        assert len(fds) <= 12, fds  # std streams, control, stream, uffd, memfds, a wake pipe
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+        assert "memfd:livemig:" not in maps  # guest RAM is read with process_vm_readv only
+        assert cs.outgoing.wait(60) and cs.outgoing.status == "completed", cs.query_migrate()
+        assert cs.query_migrate()["ram"]["x-writer-start-ms"] > 0
+    finally:
+        src.close()
+        other.close()
+
+
+def test_max_bandwidth_changed_during_the_snapshot_reaches_the_writer(tmp_path: Path) -> None:
+    """The writer is another process: a new max-bandwidth reaches it through the shared
+    statistics page (a copy of the parameters taken at its start would not change)."""
+    src = machine(False, dirty_rate=0)
+    try:
+        cs = VMController(src)
+        boot(src, 128 * MiB)
+        snapshot_caps(cs)
+        cs.params.set({"max-bandwidth": 1 * MiB})  # 160 MiB of RAM: minutes at this rate
+        cs.migrate(f"file:{tmp_path / 'rate.stream'}")
+        wait_for(lambda: snap(cs).stats["transferred"] > 0 and snap(cs).protected.is_set(), what="writing")
+        time.sleep(0.5)
+        assert cs.query_migrate()["status"] == "active"
+        t = time.monotonic()
+        cs.params.set({"max-bandwidth": 0})
+        assert cs.outgoing.wait(30) and cs.outgoing.status == "completed", cs.query_migrate()
+        assert time.monotonic() - t < 20
+    finally:
+        src.close()
+
+
+def test_snapshot_over_tls_goes_through_the_relay(tmp_path: Path, start_state: StartState) -> None:
+    """A TLS session cannot move to the writer process: the writer writes plaintext to a
+    socketpair, a thread of the VM process encrypts it onto the channel."""
+    tls_certs = pytest.importorskip("livemig.migration.transport.tls_certs")
+    creds = str(tls_certs.write_creds(tmp_path / "creds", tls_certs.make_ca("snapshot test CA")))
+    src, dst = machine(False), machine(True, dirty_rate=0)
+    try:
+        cs, cd = VMController(src), VMController(dst, autostart=False)
+        boot(src, 64 * MiB)
+        snapshot_caps(cs)
+        cs.migrate_set_parameters(tls_creds=creds)
+        cd.migrate_set_parameters(tls_creds=creds, tls_authz="livemig-source")
+        cd.migrate_incoming("tcp:127.0.0.1:0")
+        assert cd.incoming is not None
+        cs.migrate(str(cd.incoming.uri))
+        assert cs.outgoing.wait(60) and cs.outgoing.status == "completed", cs.query_migrate()
+        assert snap(cs).relay is not None
+        assert not [t for t in threading.enumerate() if t.name == "snapshot-relay"]
+        assert cd.incoming.wait(60) and cd.incoming.status == "completed", cd.query_migrate()
+        assert cs.query_migrate()["ram"]["write-faults"] > 0
+        assert dst.checksum() == start_state.checksum
+    finally:
+        src.close()
+        dst.close()
 
 
 def test_incompatible_capabilities_are_rejected_with_qemus_messages(monkeypatch: pytest.MonkeyPatch,
@@ -366,7 +467,7 @@ def test_guest_thread_holding_the_gil_is_served_while_this_process_is_frozen(tmp
         snapshot_caps(cs)
         cs.params.set({"max-bandwidth": 32 * MiB})
         cs.migrate(f"file:{tmp_path / 'gil.stream'}")
-        assert cs.outgoing.protected.wait(10)
+        assert snap(cs).protected.wait(10)
         pages = src.vmem_mr.block.pages_array(0, 64 * MiB)
         done = threading.Event()
 

@@ -648,8 +648,8 @@ def start_postcopy(cs: VMController, cd: VMController) -> None:
     cs.migrate_start_postcopy()  # type: ignore[attr-defined]
     wait_for(lambda: cs.query_migrate()["status"] == "postcopy-active"
              and cd.query_migrate()["status"] == "postcopy-active", what="postcopy-active")
-    assert isinstance(cs.outgoing._sock, TLSChannel)  # type: ignore[union-attr]
-    assert isinstance(cd.incoming._sock, TLSChannel)  # type: ignore[union-attr]
+    assert isinstance(cs.outgoing.sock, TLSChannel)  # type: ignore[union-attr]
+    assert isinstance(cd.incoming.sock, TLSChannel)  # type: ignore[union-attr]
 
 
 def finish_postcopy(src: Machine, dst: Machine, cs: VMController, cd: VMController) -> None:
@@ -691,7 +691,7 @@ def test_postcopy_recovery_over_tls_refuses_a_plaintext_reconnect(postcopy_pair)
     cd.migrate_recover("tcp:127.0.0.1:0")  # type: ignore[attr-defined]
     cs.migrate(str(cd.incoming.uri), resume=True)
     wait_for(lambda: cs.query_migrate()["status"] in ("postcopy-active", "completed"), what="resumed")
-    assert isinstance(cs.outgoing._sock, TLSChannel)  # type: ignore[union-attr]
+    assert isinstance(cs.outgoing.sock, TLSChannel)  # type: ignore[union-attr]
     finish_postcopy(src, dst, cs, cd)
 
 

@@ -1,12 +1,14 @@
 """userfaultfd through ctypes: what every mode shares, and write protection for snapshots.
 
-Opening, the API handshake, unregister, wake and fault messages serve both users;
-postcopy's MISSING-mode placement builds on them in :mod:`livemig.migration.postcopy.placer`.
+Opening, the API handshake, registration, unregister, wake and fault messages serve both
+users; postcopy's MISSING-mode placement builds on them in :mod:`livemig.migration.postcopy.placer`.
 
 A userfaultfd context is bound to the memory of the process that *created* it, whoever
-later holds the descriptor: a forked child that inherited the descriptor reads the fault
-events and answers them (``UFFDIO_WRITEPROTECT``) on the creator's memory. That is what
-lets :mod:`livemig.migration.snapshot.snapshot` resolve faults in another process.
+later holds the descriptor: another process that received the descriptor (``SCM_RIGHTS``)
+reads the fault events and answers them (``UFFDIO_WRITEPROTECT``, ``UFFDIO_COPY``) on the
+creator's memory. That is what lets the snapshot writer
+(:mod:`livemig.migration.snapshot.writer`) and postcopy's fault handler resolve faults
+in another process.
 
 Only the standard library is used. Numbers are the kernel's (``<linux/userfaultfd.h>``,
 x86-64; platform notes section 3). ctypes releases the GIL during each ioctl.
@@ -112,6 +114,13 @@ def open_uffd(features: int) -> int:
         os.close(fd)
         raise err
     return fd
+
+
+def register_missing(fd: int, start: int, length: int) -> None:
+    """Register a range for missing-page faults (postcopy)."""
+    reg = _Register(_Range(start, length), UFFDIO_REGISTER_MODE_MISSING, 0)
+    if _libc.ioctl(fd, UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
+        raise _err(f"UFFDIO_REGISTER 0x{start:x}+0x{length:x}")
 
 
 def register_wp(fd: int, start: int, length: int) -> int:

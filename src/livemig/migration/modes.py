@@ -8,7 +8,7 @@ migration's capabilities ask for.
 
 from __future__ import annotations
 
-from livemig.migration.channels import MigrationURI
+from livemig.migration.channels import Listener, MigrationURI
 from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, Parameters
 from livemig.migration.core.vm import MigratableVM
@@ -16,6 +16,9 @@ from livemig.migration.incoming import IncomingMigration
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
 from livemig.migration.outgoing import OutgoingMigration
+from livemig.migration.postcopy.destination import PostcopyIncoming
+from livemig.migration.postcopy.source import PostcopySource
+from livemig.migration.snapshot.snapshot import BackgroundSnapshot
 from livemig.migration.transport.tls import TLSServer
 
 
@@ -28,13 +31,9 @@ def outgoing_migration(
 ) -> OutgoingMigration:
     """An outgoing migration (not started) for the capabilities as they are now."""
     if caps["background-snapshot"]:
-        from livemig.migration.snapshot.snapshot import BackgroundSnapshot  # TEMP until ported
-
         return OutgoingMigration(vm, uri, caps, params, emit, mode=BackgroundSnapshot)
     channels = MultifdSender.attach if caps["multifd"] else None
     if caps["postcopy-ram"]:
-        from livemig.migration.postcopy.source import PostcopySource  # TEMP until ported
-
         out = OutgoingMigration(vm, uri, caps, params, emit, mode=PostcopySource, channels=channels)
         out.postcopy = out.mode
         return out
@@ -55,11 +54,7 @@ def incoming_migration(
     def channels(inc: IncomingMigration) -> object:
         return MultifdReceiver.attach(inc) if caps["multifd"] else None
 
-    def postcopy(inc: IncomingMigration, listener: object) -> object:
-        if not caps["postcopy-ram"]:
-            return None
-        from livemig.migration.postcopy.destination import PostcopyIncoming  # TEMP until ported
-
-        return PostcopyIncoming(inc, listener)
+    def postcopy(inc: IncomingMigration, listener: Listener) -> PostcopyIncoming | None:
+        return PostcopyIncoming(inc, listener) if caps["postcopy-ram"] else None
 
     return IncomingMigration(vm, uri, caps, emit, autostart, tls, channels=channels, postcopy=postcopy)

@@ -114,6 +114,9 @@ class OutgoingMigration:
         self.w: QEMUFileWriter | None = None
         self.rp: ReturnPathReader | None = None
         self.rp_handler: Handler | None = None  # the mode's return-path messages
+        # the mode's reaction to a return path lost before the verdict (postcopy pauses);
+        # like rp_handler, set before the reader starts, read by each start_return_path()
+        self.rp_lost: Callable[[str], None] | None = None
         self.sink: PageSink | None = None
         self.multifd: Any = None  # multifd.MultifdSender while the multifd capability is on
         self.config_desc: dict[str, Any] | None = None
@@ -289,7 +292,9 @@ class OutgoingMigration:
 
     def start_return_path(self) -> ReturnPathReader:
         """A reader for the current main socket (postcopy recovery calls this again)."""
-        self.rp = ReturnPathReader(self.sock, self.rp_handler, quiet=self.job.cancel_requested.is_set)
+        self.rp = ReturnPathReader(
+            self.sock, self.rp_handler, on_lost=self.rp_lost, quiet=self.job.cancel_requested.is_set
+        )
         return self.rp.start()
 
     # -- the stream ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ covered already, and each clear-chunk is re-armed lazily right before its pages 
 write-protect pass over all of guest memory at setup, and it leaves the bits of writes
 made before the migration in KVM's log — including writes to blocks that were unplugged
 since. Those must go *after* the first sync, which is exactly what
-``RamSaver.init_bitmaps`` does (reference 3.2); ``tests/test_kvm_migration.py`` checks it
+``RamState.init_bitmaps`` does (reference 3.2); ``tests/test_kvm_migration.py`` checks it
 against KVM's own log.
 """
 

@@ -98,6 +98,14 @@ class MigrationJob:
         self._event(new)
         return True
 
+    def note_error(self, desc: str | None) -> None:
+        """``error-desc`` while the migration goes on: why postcopy is paused (QEMU shows
+        it until a recovery clears it). The final status brings its own."""
+        with self._lock:
+            if self.done.is_set():
+                return
+            self.error_desc = desc
+
     def _event(self, new: str) -> None:
         if self._events():
             self._emit("MIGRATION", {"status": new})

@@ -6,7 +6,7 @@ resolve the fault. This process has its own interpreter and its own GIL, so what
 VM process does while it faults (a vCPU in numpy, a checksum, the loader), the fault is
 read, requested, received and placed here, without the VM process's GIL.
 
-It is started by the destination (:mod:`livemig.migration.postcopy.destination`) with:
+It is started by the destination (:mod:`livemig.migration.postcopy.handler_control`) with:
 
 * the userfaultfd of the VM's guest RAM (``UFFDIO_COPY`` from this process's buffers
   fills the VM process's memory: the fd carries the VM's mm);
@@ -258,7 +258,11 @@ class Handler:
             if state == RECV_NONE:
                 continue
             if state == RECV_ZERO:  # sent as zero on the main stream: nobody else places it
-                self.placer.zeropage(b.host + (key[1] << PAGE_SHIFT), PAGE)
+                try:
+                    self.placer.zeropage(b.host + (key[1] << PAGE_SHIFT), PAGE)
+                except OSError as e:  # unregistered already: the unregister woke the waiters
+                    if e.errno not in (errno.ENOENT, errno.EINVAL):
+                        raise
             self._finish(key, now)
 
     # -- the postcopy channel ---------------------------------------------------------------------
@@ -403,7 +407,8 @@ class Handler:
             send_ctrl(self.ctrl, {"op": "stats", **self.stats()})
         elif op == "lost-pages":
             self.c["lost-pages"] = msg["n"]
-        elif op == "stop":
+        elif op == "stop":  # settle what arrived meanwhile, then the last statistics
+            self.check_pending()
             self.stop = True
             send_ctrl(self.ctrl, {"op": "stats", **self.stats()})
 

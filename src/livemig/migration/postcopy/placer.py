@@ -1,8 +1,8 @@
 """userfaultfd MISSING mode through ctypes, for postcopy: register, place pages, faults.
 
-What MISSING and write-protect mode share (opening, the API handshake, unregister, wake,
-fault messages) lives in :mod:`livemig.memory.userfaultfd`; this module adds only what
-postcopy needs on top.
+What MISSING and write-protect mode share (opening, the API handshake, registration,
+unregister, wake, fault messages) lives in :mod:`livemig.memory.userfaultfd`; this module
+adds only what postcopy needs on top: placing pages.
 
 Only the standard library is used, so the postcopy fault-handler process
 (:mod:`livemig.migration.postcopy.handler`) can import this module without numpy and
@@ -29,14 +29,9 @@ from livemig.memory.userfaultfd import (
     MSG_SIZE,
     UFFD_FEATURE_MISSING_SHMEM,
     UFFD_FEATURE_THREAD_ID,
-    UFFDIO_REGISTER,
-    UFFDIO_REGISTER_MODE_MISSING,
     UffdError,
-    _err,
-    _libc,
-    _Range,
-    _Register,
     parse_faults,
+    register_missing,
     unregister,
     wake,
 )
@@ -61,6 +56,11 @@ UFFDIO_COPY_MODE_DONTWAKE = 1
 POSTCOPY_FEATURES = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
 class _Copy(ctypes.Structure):
     _fields_ = [
         ("dst", ctypes.c_uint64),
@@ -71,8 +71,13 @@ class _Copy(ctypes.Structure):
     ]
 
 
-class _ZeroPage(ctypes.Structure):
-    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+class _ZeroPage(ctypes.Structure):  # struct uffdio_zeropage: its range flattened
+    _fields_ = [
+        ("start", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("zeropage", ctypes.c_int64),
+    ]
 
 
 def open_uffd(features: int = POSTCOPY_FEATURES) -> int:
@@ -92,12 +97,6 @@ def available() -> str | None:
         return str(e)
     os.close(fd)
     return None
-
-
-def register_missing(fd: int, start: int, length: int) -> None:
-    reg = _Register(_Range(start, length), UFFDIO_REGISTER_MODE_MISSING, 0)
-    if _libc.ioctl(fd, UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
-        raise _err(f"UFFDIO_REGISTER 0x{start:x}+0x{length:x}")
 
 
 class Placer:
@@ -148,7 +147,7 @@ class Placer:
         placed = existed = 0
         done = 0
         while done < length:
-            z.range.start, z.range.len, z.mode, z.zeropage = dst + done, length - done, 0, 0
+            z.start, z.len, z.mode, z.zeropage = dst + done, length - done, 0, 0
             if _libc.ioctl(self.fd, UFFDIO_ZEROPAGE, self._zero_addr) == 0:
                 placed += length - done
                 return placed, existed

@@ -43,7 +43,7 @@ def nonzero_pages(rows: np.ndarray) -> np.ndarray:
         return np.zeros(0, bool)
     w = rows.view(np.uint64)  # rows may be strided (record slots); each row is contiguous
     nz = w[:, 0] != 0
-    rest = np.flatnonzero(~nz)
+    rest = (~nz).nonzero()[0]  # not np.flatnonzero: its wrapper costs more than a 1-page batch
     if len(rest) == 0:
         return nz
     if len(rest) == len(nz) and rows.flags.c_contiguous:
@@ -78,10 +78,13 @@ class LocalMemory:
 
     def __init__(self, max_pages: int):
         self._gather = np.empty((max_pages, TARGET_PAGE_SIZE), np.uint8)
+        self._views: dict[str, np.ndarray] = {}  # each block as rows, made once
 
     def read(self, b: BlockState, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         n = len(idx)
-        pages = b.block.pages_array(0, b.block.max_length)
+        pages = self._views.get(b.idstr)
+        if pages is None:
+            pages = self._views[b.idstr] = b.block.pages_array(0, b.block.max_length)
         if n == 0:
             return pages[:0]
         first, last = int(idx[0]), int(idx[-1])
@@ -123,7 +126,9 @@ class PageBatch:
         if self.all_data:
             if out is None:
                 return self.rows
-            if out.ctypes.data != self.rows.ctypes.data:
+            # rows read straight into ``out`` are there already; any other rows (a view of
+            # guest memory, a gather buffer) lie elsewhere, so bounds tell the two apart
+            if not np.may_share_memory(out, self.rows):
                 out[: len(self.rows)] = self.rows
             return out[: len(self.rows)]
         if out is None:
@@ -158,7 +163,7 @@ def batch_of_rows(b: BlockState, idx: np.ndarray, was_read: np.ndarray, rows: np
     (in order); the others are holes. For pages read earlier (snapshot write faults)."""
     nz = nonzero_pages(rows)
     is_data = np.zeros(len(idx), bool)
-    is_data[np.flatnonzero(was_read)[nz]] = True
+    is_data[was_read.nonzero()[0][nz]] = True
     return PageBatch(
         b=b,
         zero=idx[~is_data],

@@ -318,7 +318,7 @@ class RamState:
         """
         with self.lock:
             bits = b.bmap.test_indices(np.arange(first, first + npages, dtype=np.int64))
-            idx = first + np.flatnonzero(bits).astype(np.int64)
+            idx = first + bits.nonzero()[0]  # int64; np.flatnonzero's wrapper costs ~1.5 us
             if not len(idx):
                 return idx
             b.bmap.clear_range(first, npages)

@@ -1,0 +1,273 @@
+"""The snapshot writer: a separate process that writes a background snapshot's RAM.
+
+Started by the VM process (:mod:`~livemig.migration.snapshot.writer_process`) as
+``python -m livemig.migration.snapshot.writer FD`` — a fresh interpreter, not a fork of
+the multi-threaded VM process, so no lock that a VM thread held at the start can be
+held here forever, and nothing of the VM process is inherited but the control socket
+``FD``. Everything else arrives in the set-up message
+(:mod:`~livemig.migration.snapshot.setup_message`).
+
+Why a process at all: a thread of the VM process that stores into guest RAM while holding
+the GIL blocks on a write-protect fault *with the GIL*; a resolver that needed that
+interpreter would never run. This process has its own interpreter.
+
+Two threads:
+
+* the *fault thread* (:class:`~livemig.migration.snapshot.faults.FaultServer`) saves the
+  old content of faulting pages and un-protects them; it never waits for the stream or
+  for the VM process;
+* the *main thread* waits for ``go`` (the guest is stopped and protected by then), then
+  walks the migration bitmap once (:meth:`RamState.next_batch`, the one walk), sends each
+  batch through the page pipeline (:func:`~livemig.migration.ram.pages.prepare` with a
+  :class:`~livemig.migration.snapshot.remote_memory.RemoteMemory` reader: holes never read,
+  pages read straight into the record slots) and the one record encoder
+  (:class:`~livemig.migration.ram.sender.StreamSink`), un-protecting each batch's span
+  right after the copy; the pages saved on faults go first. ``max-bandwidth`` limits it
+  (:class:`~livemig.migration.core.rate.RateLimiter`). Then END ram, and the device state
+  the VM process took at the stop.
+
+If this process dies — an error, ``migrate_cancel`` (SIGKILL), the VM process exiting
+(``PR_SET_PDEATHSIG``) — its userfaultfd goes with it: the VM process dropped its own
+copy once protection was on, so this is the last reference, and the kernel unregisters
+the ranges and wakes every blocked fault. Guest RAM is never mapped here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+
+from livemig.memory import userfaultfd as uf
+from livemig.memory.ram_block import RAMBlock
+from livemig.memory.region import MemoryRegion
+from livemig.migration.core.rate import RateLimiter
+from livemig.migration.ram.pages import batch_of_rows, prepare
+from livemig.migration.ram.sender import StreamSink
+from livemig.migration.ram.state import BATCH_PAGES, BlockState, RamState
+from livemig.migration.snapshot import setup_message as msg
+from livemig.migration.snapshot.faults import FaultServer, SavedChunk
+from livemig.migration.snapshot.remote_memory import RemoteMemory
+from livemig.migration.snapshot.shared_stats import SharedStats
+from livemig.migration.snapshot.tracking import SnapshotError
+from livemig.migration.stream import savevm
+from livemig.migration.stream.format import SectionType
+from livemig.migration.stream.qemu_file import QEMUFileWriter
+
+PR_SET_PDEATHSIG = 1
+SWITCH_INTERVAL = 0.0002  # the fault thread gets the GIL within 0.2 ms of a fault
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
+
+
+def stream_transport(fd: int) -> Any:
+    """A socket object for a socket, else a raw file object; blocking writes either way.
+
+    A socket's blocking mode is a flag of the open file, shared with the VM process's
+    descriptor of it: the VM process no longer uses the main channel (only to shut it
+    down on cancel, which does not care).
+    """
+    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(True)
+        return sock
+    return os.fdopen(fd, "wb", buffering=0)
+
+
+class Writer:
+    """The writer's state, built from the set-up message (module docstring)."""
+
+    def __init__(self, ctrl: socket.socket, setup: dict[str, Any], fds: list[int]):
+        self.ctrl = ctrl
+        self.times: dict[str, float] = {}  # CLOCK_MONOTONIC, the same clock in every process
+        self.uffd = fds[msg.FD_UFFD]
+        self.stats = SharedStats(fds[msg.FD_STATS])
+        layouts = msg.layouts(setup["blocks"], fds[msg.FD_FIRST_BLOCK :])
+        # blocks of the VM process, described (no mapping): RamState only needs the layout
+        regions = [MemoryRegion(lay.idstr, cast(RAMBlock, lay)) for lay in layouts]
+        self.ram = RamState(regions, None, clear_bitmap_shift=setup["clear_bitmap_shift"], log_clear=False)
+        msg.load_bitmaps(self.ram, fds[msg.FD_BITMAPS])
+        self.w = QEMUFileWriter(stream_transport(fds[msg.FD_STREAM]), 4 << 20)
+        self.base = int(setup["stream_offset"])
+        self.ram_id = int(setup["ram_id"])
+        pid = int(setup["vm_pid"])
+        self.reader = RemoteMemory(pid, BATCH_PAGES)
+        self.faults = FaultServer(self.ram, self.uffd, RemoteMemory(pid, 0))
+        self.sink = StreamSink(self.w, self.ram.stats, self.reader)
+        self.rate = RateLimiter(lambda: self.stats["max_bandwidth"])
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        faults = threading.Thread(target=self.faults.run, name="snapshot-faults", daemon=True)
+        faults.start()  # before "ready": protection starts right after it
+        self.stats["state"] = SharedStats.RUNNING
+        self.publish()
+        msg.send_msg(self.ctrl, {"op": "ready", "pid": os.getpid(), **self.times,
+                                 "ready_at": time.monotonic()})
+        device_state = self.wait_go()
+        try:
+            self.write_ram()
+        finally:
+            self.faults.stop()
+            faults.join()
+            self.faults.close()
+        self.faults.check()
+        # every page was saved and un-protected; drop the registration before the end
+        for b in self.ram.blocks:
+            try:
+                uf.unregister(self.uffd, b.block.host, b.block.max_length)
+            except OSError:
+                pass
+        self.send_section(SectionType.END, lambda: True)  # END ram: no page, EOS only
+        self.w.put_bytes(device_state)  # device sections, EOF, VMDESCRIPTION
+        self.w.flush()
+        self.publish()
+
+    def wait_go(self) -> bytes:
+        """The device-state buffer, sent once the guest is stopped and protected."""
+        m, fds = msg.recv_msg(self.ctrl)
+        if m is None:
+            raise SnapshotError("snapshot cancelled before the guest was stopped")
+        if m.get("op") != "go" or len(fds) != 1:
+            raise SnapshotError(f"snapshot writer: unexpected control message {m.get('op')!r}")
+        return msg.read_memfd(fds[0], int(m["device_state"]))
+
+    def write_ram(self) -> None:
+        """PART sections until every page is written: the saved queue first, then the
+        next batch of the bitmap, within ``max-bandwidth``."""
+        w = self.w
+        while True:
+            self.faults.check()
+            done = self.send_section(SectionType.PART, self.send_some)
+            self.publish()
+            self.rate.wait(w.bytes_written, time.sleep)  # faults are saved meanwhile
+            if done and not self.faults.busy:
+                return
+            if done:  # faults still waiting for room in the queue
+                time.sleep(0.001)
+
+    def send_section(self, kind: SectionType, body: Callable[[], bool]) -> bool:
+        """One RAM section: ``body()`` sends batches (True: the walk is over), then the
+        pages saved on faults meanwhile, EOS."""
+        w = self.w
+        savevm.start_section(w, kind, self.ram_id)
+        self.sink.start_section()
+        done = body()
+        self.send_saved()
+        self.sink.end_section()
+        savevm.write_footer(w, self.ram_id)
+        w.flush()
+        return done
+
+    def send_some(self) -> bool:
+        """Batches for one section's budget; True when the walk is over."""
+        w = self.w
+        end = w.bytes_written + self.rate.slice_bytes()
+        while w.bytes_written < end:
+            self.faults.check()
+            self.send_saved()
+            batch = self.ram.next_batch(claim=self.faults.claim)
+            if batch is None:
+                return True
+            self.send_batch(*batch)
+        return False
+
+    def send_batch(self, b: BlockState, idx: np.ndarray) -> None:
+        """Copy a batch into the record slots, un-protect its span, write its records."""
+        try:
+            batch = prepare(b, idx, self.reader, out=self.sink.encoder.slots(len(idx)))
+        finally:
+            self.faults.copied(b, idx)  # copied (or failed: the snapshot fails anyway)
+        self.sink.put(batch)
+
+    def send_saved(self) -> None:
+        """Write the pages saved on faults, merged per block into sorted batches."""
+        got = self.faults.take_saved()
+        if got is None:
+            return
+        chunks, rows = got
+        by_block: dict[int, list[SavedChunk]] = {}
+        for c in chunks:
+            by_block.setdefault(id(c.b), []).append(c)
+        for group in by_block.values():
+            group.sort(key=lambda c: int(c.idx[0]))
+            b = group[0].b
+            idx = np.concatenate([c.idx for c in group])
+            was_read = np.concatenate([c.was_read for c in group])
+            order = np.concatenate([c.first_row + np.arange(int(np.count_nonzero(c.was_read)))
+                                    for c in group])  # queue rows in page order
+            r = 0
+            for s in range(0, len(idx), BATCH_PAGES):
+                read = was_read[s : s + BATCH_PAGES]
+                k = int(np.count_nonzero(read))
+                slots = self.sink.encoder.slots(BATCH_PAGES)[:k]
+                np.take(rows, order[r : r + k], axis=0, out=slots, mode="clip")  # unbuffered
+                self.sink.put(batch_of_rows(b, idx[s : s + BATCH_PAGES], read, slots))
+                r += k
+        self.faults.give_back()
+
+    def publish(self) -> None:
+        """Progress for query-migrate in the VM process."""
+        st, f = self.ram.stats, self.faults
+        self.stats.update({
+            "transferred": self.base + self.w.bytes_written,
+            "remaining": self.ram.dirty_pages + f.queued_pages + f.waiting,
+            "normal": st.normal,
+            "duplicate": st.duplicate,
+            "pages_read": st.pages_read,
+            "holes_skipped": st.holes_skipped,
+            "wp_faults": f.wp_faults,
+            "urgent_pages": f.urgent_pages,
+            "urgent_peak": f.urgent_peak,
+            "unprotect_calls": f.unprotect_calls,
+            "partial_reads": self.reader.partial_reads + f.reader.partial_reads,
+        })
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: ``FD`` of the control socket; exit status 0 when the stream is complete."""
+    started_at = time.monotonic()  # the interpreter runs, the modules are imported
+    ctrl = socket.socket(fileno=int(argv[0]))
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the VM (its spawning thread) gone: die
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the VM's terminal is the VM's
+    m, fds = msg.recv_msg(ctrl)
+    if m is None or m.get("op") != "setup":
+        return 2
+    setup_at = time.monotonic()
+    if os.getppid() != m["vm_pid"]:
+        return 3  # the VM process died before the death signal was armed
+    gc.disable()  # no collector pauses while a fault waits; this process lives seconds
+    stats: SharedStats | None = None
+    try:
+        writer = Writer(ctrl, m, fds)
+        writer.times.update(started_at=started_at, setup_at=setup_at)
+        stats = writer.stats
+        writer.run()
+        stats["state"] = SharedStats.DONE
+        msg.send_msg(ctrl, {"op": "done"})
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure is reported to the VM process
+        if stats is not None:
+            stats["state"] = SharedStats.FAILED
+        try:
+            msg.send_msg(ctrl, {"op": "error", "why": str(e) or type(e).__name__})
+        except OSError:
+            pass
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
