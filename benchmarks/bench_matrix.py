@@ -32,7 +32,6 @@ Usage: ./run bench bench_matrix [--rates 32M,128M] [--bandwidths 48M,192M]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -47,9 +46,6 @@ from _vm import MiB, VmProcess, free_port  # noqa: E402
 from livemig.cli import parse_size  # noqa: E402
 
 MODES = ("precopy", "auto-converge", "dirty-limit", "postcopy", "multifd2")
-POSTCOPY_PORTED = importlib.util.find_spec("livemig.migration.postcopy.urgent") is not None
-POSTCOPY_SKIP = ("postcopy is not yet ported onto the new migration engine in this tree "
-                 "(migration/postcopy/urgent.py is missing): mode skipped")
 PLUGGED = 96 * MiB
 GUEST_BYTES = 32 * MiB + PLUGGED
 FINAL = ("completed", "failed", "cancelled")
@@ -241,13 +237,9 @@ def main() -> None:
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"livemig-matrix-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    out: dict[str, Any] = {"guest_bytes": GUEST_BYTES, "timeout_s": args.timeout, "skipped": {},
+    out: dict[str, Any] = {"guest_bytes": GUEST_BYTES, "timeout_s": args.timeout,
                            "machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
                            "runs": []}
-    if "postcopy" in modes and not POSTCOPY_PORTED:
-        out["skipped"]["postcopy"] = POSTCOPY_SKIP
-        print(f"bench_matrix: {POSTCOPY_SKIP}", file=sys.stderr)
-        modes.remove("postcopy")
     for rate in rates:
         for bw in bandwidths:
             for mode in modes:

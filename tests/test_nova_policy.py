@@ -12,7 +12,6 @@ downtime step, so precopy is still running at the deadline; postcopy then finish
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import subprocess
 import sys
@@ -27,16 +26,7 @@ from livemig.memory.userfaultfd import write_tracking_problem
 
 MiB = 1 << 20
 
-POSTCOPY_PORTED = importlib.util.find_spec("livemig.migration.postcopy.urgent") is not None
-pytestmark = [
-    pytest.mark.skipif(write_tracking_problem([]) is not None, reason="no userfaultfd"),
-    pytest.mark.skipif(
-        not POSTCOPY_PORTED,
-        reason="postcopy is not yet ported onto the new migration engine on this branch "
-        "(migration/postcopy/urgent.py of the postcopy port is missing); this test runs "
-        "once that port is merged",
-    ),
-]
+pytestmark = pytest.mark.skipif(write_tracking_problem([]) is not None, reason="no userfaultfd")
 
 DOWNTIME_MS = 100  # live_migration_downtime (Nova: 500 ms)
 STEPS = 4  # live_migration_downtime_steps (Nova: 10)

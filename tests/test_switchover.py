@@ -5,7 +5,6 @@ expected-downtime, calc-dirty-rate / query-dirty-rate, blocked-reasons.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -235,11 +234,6 @@ def test_calc_dirty_rate_errors_and_the_dirty_bitmap_blocker(dirtying, tmp_path)
     assert m.runstate == "running"
 
 
-POSTCOPY_PORTED = importlib.util.find_spec("livemig.migration.postcopy.urgent") is not None
-
-
-@pytest.mark.skipif(not POSTCOPY_PORTED, reason="postcopy is not yet ported onto the new "
-                    "migration engine on this branch (migration/postcopy/urgent.py is missing)")
 @pytest.mark.parametrize("pair", [64 * MiB], indirect=True)
 def test_pause_before_switchover_holds_the_switch_to_postcopy(pair) -> None:  # noqa: ANN001
     src, dst, cs, cd = pair
