@@ -6,7 +6,8 @@ Scenarios: guest dirty rate x bandwidth limit (``max-bandwidth``) x mode:
 * ``precopy``: plain precopy;
 * ``auto-converge``: precopy with QEMU's default throttle parameters;
 * ``dirty-limit``: precopy with ``vcpu-dirty-limit`` (default 1 MB/s per vCPU);
-* ``postcopy``: precopy until the first pass ends, then ``migrate-start-postcopy``;
+* ``postcopy``: precopy until the first pass ends, then ``migrate-start-postcopy``
+  (``postcopy_started`` false: precopy had converged already);
 * ``multifd2``: precopy over ``multifd`` with 2 channels.
 
 Every run starts a fresh source and destination ``livemig vm`` process (soft guest: two
@@ -24,7 +25,7 @@ throttle). JSON on stdout (``--json`` also to a file); plots with matplotlib int
 progress over time, one line per mode, for each scenario) and ``matrix.png`` (the matrix:
 time to converge and guest progress per mode and scenario).
 
-Usage: ./run bench bench_matrix [--rates 32M,128M] [--bandwidths 48M,192M]
+Usage: ./run bench bench_matrix [--rates 32M,128M,256M] [--bandwidths 48M,192M]
            [--modes precopy,auto-converge,dirty-limit,postcopy,multifd2] [--timeout 20]
            [--json out.json] [--figures DIR]
 """
@@ -91,6 +92,7 @@ def run(mode: str, rate: int, bandwidth: int, timeout: float, work: Path) -> dic
         timeline: list[dict[str, Any]] = []
         throttle = 0
         switched = cancelled = False
+        postcopy_started: bool | None = None
         while True:
             info: dict[str, Any] = src("query-migrate")  # type: ignore[assignment]
             t = time.monotonic() - t0
@@ -103,8 +105,12 @@ def run(mode: str, rate: int, bandwidth: int, timeout: float, work: Path) -> dic
             if st in FINAL:
                 break
             if mode == "postcopy" and not switched and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
-                src("migrate-start-postcopy")
                 switched = True
+                try:
+                    src("migrate-start-postcopy")
+                    postcopy_started = True
+                except Exception:  # noqa: BLE001 - precopy got there first (converged)
+                    postcopy_started = False
             if t > timeout and not cancelled and st not in ("postcopy-active", "postcopy-device"):
                 src("migrate_cancel")
                 cancelled = True
@@ -123,6 +129,7 @@ def run(mode: str, rate: int, bandwidth: int, timeout: float, work: Path) -> dic
         return {
             "mode": mode, "dirty_rate": rate, "bandwidth": bandwidth, "status": st,
             "converged": st == "completed", "error": info.get("error-desc"),
+            "postcopy_started": postcopy_started,
             "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
             "bytes": ram.get("transferred"), "passes": ram.get("dirty-sync-count"),
             "throttle_max": throttle,
@@ -221,7 +228,7 @@ def plot(out: dict[str, Any], figdir: Path) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rates", default="32M,128M")
+    p.add_argument("--rates", default="32M,128M,256M")
     p.add_argument("--bandwidths", default="48M,192M")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--timeout", type=float, default=20.0, help="seconds before giving up on a run")
