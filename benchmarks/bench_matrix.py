@@ -174,9 +174,13 @@ def plot(out: dict[str, Any], figdir: Path) -> list[str]:
     if not cells:
         return []
     figdir.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, len(cells), figsize=(4.2 * len(cells), 6.5), squeeze=False)
-    for col, (rate, bw) in enumerate(cells):
-        top, bottom = axes[0][col], axes[1][col]
+    rates = sorted({c[0] for c in cells})
+    bws = sorted({c[1] for c in cells})
+    fig, axes = plt.subplots(2 * len(rates), len(bws), figsize=(5.0 * len(bws), 3.0 * len(rates)),
+                             squeeze=False)
+    for rate, bw in cells:
+        row, col = 2 * rates.index(rate), bws.index(bw)
+        top, bottom = axes[row][col], axes[row + 1][col]
         for r in (x for x in runs if (x["dirty_rate"], x["bandwidth"]) == (rate, bw)):
             tl = r["timeline"]
             ts = [p["t"] for p in tl]
@@ -184,10 +188,10 @@ def plot(out: dict[str, Any], figdir: Path) -> list[str]:
             top.plot(ts, smoothed_rate(tl), color=COLORS[r["mode"]], lw=1.2, label=label)
             bottom.plot(ts, [p["guest_bytes"] / MiB for p in tl], color=COLORS[r["mode"]], lw=1.2)
         top.set_title(f"guest dirties {rate // MiB} MiB/s, link {bw // MiB} MiB/s", fontsize=9)
-        top.set_ylabel("sent, MiB/s")
-        bottom.set_ylabel("guest work, MiB written")
-        bottom.set_xlabel("seconds since migrate")
-        top.legend(fontsize=7)
+        top.set_ylabel("sent, MiB/s", fontsize=8)
+        bottom.set_ylabel("guest work, MiB", fontsize=8)
+        bottom.set_xlabel("seconds since migrate", fontsize=8)
+        top.legend(fontsize=6)
     fig.tight_layout()
     timeline = figdir / "matrix_timeline.png"
     fig.savefig(timeline, dpi=110)
