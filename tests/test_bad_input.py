@@ -690,7 +690,7 @@ CASES: list[tuple[str, Corruption, tuple[str, ...], bool]] = [
     (
         "record-zero-and-page",
         lambda s: set_rec(s, pc_ram(s, RamFlag.PAGE), flags=RamFlag.PAGE | RamFlag.ZERO | RamFlag.CONTINUE),
-        ("RAM record with no type (flags 0x2a)",),
+        ("RAM record with several types (flags 0x2a)",),
         False,
     ),
     (

@@ -28,8 +28,8 @@ import pytest
 from livemig.cli_inspect import main
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
+from livemig.inspect import StreamReport, check_discard, inspect_stream
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
-from livemig.migration.inspect import StreamReport, check_discard, inspect_stream
 from livemig.migration.stream.format import RamFlag
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -581,12 +581,15 @@ def test_unreadable_file_and_usage(tmp_path: Path) -> None:
 # =============================================================================================
 
 
-def _qemu8_like_stream(path: Path, mem_block: str, other_block: str) -> dict[str, int]:
+def _qemu8_like_stream(
+    path: Path, mem_block: str, other_block: str, page: int = PAGE
+) -> dict[str, int]:
     """A stream laid out like QEMU >= 8.0 with ``x-early-migration``: the early section
     described with the sanity struct as a ``tmp`` field (QEMU puts the nested fields in the
     field entry itself), the late VirtIO state as one opaque ``virtio`` field, and a
     generic device with an array, a bool and a subsection. Both RAM blocks are 1 GiB, so
-    only names tell which one is the device's. Returns landmark offsets."""
+    only names tell which one is the device's. With another ``page`` size, the
+    configuration says so, as QEMU's does. Returns landmark offsets."""
     from livemig.migration.stream import savevm
     from livemig.migration.stream.format import MigCommand, SectionType
     from livemig.migration.stream.qemu_file import bytes_writer, open_writer
@@ -597,9 +600,9 @@ def _qemu8_like_stream(path: Path, mem_block: str, other_block: str) -> dict[str
     marks: dict[str, int] = {}
     w = open_writer(path)
     savevm.write_header(w)
-    savevm.write_configuration(w, "pc-i440fx-8.2")
+    savevm.write_configuration(w, "pc-i440fx-8.2", None if page == PAGE else page.bit_length() - 1)
     savevm.write_command(w, MigCommand.OPEN_RETURN_PATH)
-    savevm.write_command(w, MigCommand.POSTCOPY_ADVISE, struct.pack(">QQ", PAGE, PAGE))
+    savevm.write_command(w, MigCommand.POSTCOPY_ADVISE, struct.pack(">QQ", page, page))
     savevm.start_section(w, SectionType.START, 2, "ram", 0, 4)
     w.put_be64((2 * GiB) | RamFlag.MEM_SIZE)
     for name in (other_block, mem_block):
@@ -616,15 +619,15 @@ def _qemu8_like_stream(path: Path, mem_block: str, other_block: str) -> dict[str
     w.put_be64(RamFlag.ZERO)
     w.put_counted_string(other_block)
     w.put_u8(0)
-    w.put_be64(PAGE | RamFlag.PAGE | RamFlag.CONTINUE)
-    w.put_bytes(b"\x01" * PAGE)
+    w.put_be64(page | RamFlag.PAGE | RamFlag.CONTINUE)
+    w.put_bytes(b"\x01" * page)
     w.put_be64(RamFlag.ZERO)
     w.put_counted_string(mem_block)
     w.put_u8(0)
-    w.put_be64((BLOCK + PAGE) | RamFlag.PAGE | RamFlag.CONTINUE)  # plugged block 1
-    w.put_bytes(b"\x02" * PAGE)
+    w.put_be64((BLOCK + page) | RamFlag.PAGE | RamFlag.CONTINUE)  # plugged block 1
+    w.put_bytes(b"\x02" * page)
     marks["violation"] = w.tell()
-    w.put_be64((2 * BLOCK + 3 * PAGE) | RamFlag.ZERO | RamFlag.CONTINUE)  # unplugged block 2
+    w.put_be64((2 * BLOCK + 3 * page) | RamFlag.ZERO | RamFlag.CONTINUE)  # unplugged block 2
     w.put_u8(0)
     w.put_be64(RamFlag.EOS)
     savevm.write_footer(w, 2)
@@ -653,7 +656,7 @@ def _qemu8_like_stream(path: Path, mem_block: str, other_block: str) -> dict[str
     savevm.write_eof(w)
     u64 = {"type": "uint64", "size": 8}
     desc = {
-        "page_size": PAGE,
+        "page_size": page,
         "devices": [
             {
                 "name": f"{dev}/virtio-mem-device-early",
@@ -752,3 +755,70 @@ def test_ambiguous_ram_block_cannot_be_checked(tmp_path: Path) -> None:
     code, out, err = run_main(str(path), "--check-discard")
     assert code == 3 and "could not check" in out and "ambiguous" in out
     assert run_main(str(path))[0] == 0  # plain inspection is complete
+
+
+def test_target_page_size_from_the_configuration(tmp_path: Path) -> None:
+    """QEMU sends the target page size in the configuration when it is not the
+    architecture's minimum: records, their offsets and the pages a virtio-mem block
+    covers are then counted in those pages."""
+    page = 16 * 1024
+    path = tmp_path / "pages16k.stream"
+    marks = _qemu8_like_stream(path, "0000:00:03.0/mem0", "pc.ram", page=page)
+    report = inspect_stream(path)
+    assert report.complete, report.stopped
+    assert report.page_size == page and report.configuration is not None
+    assert report.ram_blocks["0000:00:03.0/mem0"].records == 3
+    assert report.ram_blocks["pc.ram"].touched.count() == 2
+    (v,) = check_discard(report)
+    assert (v.stream_offset, v.kind, v.vmem_block) == (marks["violation"], "ZERO", 2)
+    assert v.gpa == 4 * GiB + 2 * BLOCK + 3 * page and v.block_offset == 2 * BLOCK + 3 * page
+    # no QEMU target has pages above 64 KiB: not damage, but not read either (exit 3)
+    _qemu8_like_stream(path, "0000:00:03.0/mem0", "pc.ram", page=128 * 1024)
+    report = inspect_stream(path)
+    assert not report.complete and (report.stopped or "").startswith("target pages of 0x20000")
+    assert run_main(str(path))[0] == 3
+
+
+def test_xbzrle_and_compressed_records_are_counted(tmp_path: Path) -> None:
+    """Records the destination's loader refuses (XBZRLE; COMPRESS_PAGE, removed in QEMU
+    9.1) are counted per block and their payloads stepped over, not decoded."""
+    from livemig.migration.stream import savevm
+    from livemig.migration.stream.format import RAM_FLAG_REMOVED_COMPRESS_PAGE, SectionType
+    from livemig.migration.stream.qemu_file import open_writer
+
+    path = tmp_path / "encoded.stream"
+    w = open_writer(path)
+    savevm.write_header(w)
+    savevm.write_configuration(w, "pc-i440fx-7.2")
+    savevm.start_section(w, SectionType.START, 2, "ram", 0, 4)
+    w.put_be64(MiB | RamFlag.MEM_SIZE)
+    w.put_counted_string("pc.ram")
+    w.put_be64(MiB)
+    w.put_be64(RamFlag.EOS)
+    savevm.write_footer(w, 2)
+    savevm.start_section(w, SectionType.PART, 2)
+    w.put_be64(RamFlag.PAGE)
+    w.put_counted_string("pc.ram")
+    w.put_bytes(b"\x01" * PAGE)
+    w.put_be64(PAGE | RamFlag.XBZRLE | RamFlag.CONTINUE)
+    w.put_bytes(b"\x01" + struct.pack(">H", 3) + b"abc")
+    w.put_be64(2 * PAGE | RAM_FLAG_REMOVED_COMPRESS_PAGE | RamFlag.CONTINUE)
+    w.put_bytes(struct.pack(">I", 4) + b"zzzz")
+    w.put_be64(3 * PAGE | RamFlag.ZERO | RamFlag.CONTINUE)
+    w.put_u8(0)
+    w.put_be64(RamFlag.EOS)
+    savevm.write_footer(w, 2)
+    savevm.start_section(w, SectionType.END, 2)
+    w.put_be64(RamFlag.EOS)
+    savevm.write_footer(w, 2)
+    savevm.write_eof(w)
+    w.close()
+    report = inspect_stream(path)
+    assert report.complete, report.stopped
+    b = report.ram_blocks["pc.ram"]
+    assert (b.normal, b.xbzrle, b.compressed, b.zero, b.records) == (1, 1, 1, 1, 4)
+    assert b.touched.count() == 4 and report.eos == 3
+    code, doc = run_json(str(path))
+    assert code == 0
+    (blk,) = doc["ram"]["blocks"]
+    assert (blk["xbzrle"], blk["compressed"], blk["pages_with_records"]) == (1, 1, 4)

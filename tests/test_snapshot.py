@@ -23,6 +23,7 @@ import pytest
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
+from livemig.inspect import check_discard, inspect_stream
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.memory import userfaultfd as uf
 from livemig.memory.bitmap import Bitmap
@@ -32,7 +33,6 @@ from livemig.migration.core.params import (
     MigrationConfigError,
     check_background_snapshot,
 )
-from livemig.migration.inspect import check_discard, inspect_stream
 from livemig.migration.snapshot import snapshot
 from livemig.migration.snapshot.snapshot import BackgroundSnapshot
 

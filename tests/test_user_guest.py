@@ -42,8 +42,8 @@ from livemig.control.hmp import parse_registers  # noqa: E402
 from livemig.control.vm_controller import VMController  # noqa: E402
 from livemig.devices.chardev import parse_chardev  # noqa: E402
 from livemig.devices.isa import parse_device  # noqa: E402
+from livemig.inspect import check_discard, inspect_stream  # noqa: E402
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig  # noqa: E402
-from livemig.migration.inspect import check_discard, inspect_stream  # noqa: E402
 from livemig.migration.snapshot.snapshot import BackgroundSnapshot  # noqa: E402
 
 MiB = 1 << 20

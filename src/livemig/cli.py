@@ -71,7 +71,10 @@ def add_vm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--virtio-mem", type=parse_virtio_mem, help="id=vm0,size=8G,requested-size=1G,...")
     p.add_argument("--accel", default="auto", help="soft, kvm or auto (kvm where /dev/kvm works)")
     p.add_argument("--qmp", required=True, help="unix:PATH of the QMP socket")
-    p.add_argument("--incoming", help="tcp:HOST:PORT, unix:PATH, file:PATH or defer")
+    p.add_argument("--incoming", action="append",
+                   help="tcp:HOST:PORT, unix:PATH, file:PATH or defer; a second --incoming "
+                   "'{\"channel-type\": \"cpr\", \"addr\": {...}}' makes this a cpr-transfer "
+                   "destination (docs/local-update.md)")
     p.add_argument("-S", dest="paused", action="store_true",
                    help="do not start the guest (after an incoming migration: stay paused)")
     p.add_argument("--vcpus", type=int, default=1)
@@ -92,7 +95,7 @@ def add_vm_args(p: argparse.ArgumentParser) -> None:
                    help="isa-debug-exit[,iobase=0xf4][,iosize=4] (may repeat)")
 
 
-def build_machine(args: argparse.Namespace) -> Any:
+def build_machine(args: argparse.Namespace, ram_fds: dict[str, int] | None = None) -> Any:
     from livemig.devices.chardev import parse_chardev
     from livemig.devices.isa import parse_device
     from livemig.guest.workload import WorkloadConfig
@@ -113,7 +116,8 @@ def build_machine(args: argparse.Namespace) -> Any:
         virtio_mem=args.virtio_mem,
         accel=args.accel,
         workload=wl,
-        incoming=args.incoming is not None,
+        incoming=bool(args.incoming),
+        ram_fds=ram_fds or {},
         boot_sector=args.boot_sector,
         kernel=args.kernel,
         append=args.append,
@@ -128,13 +132,23 @@ def cmd_vm(args: argparse.Namespace) -> int:
     from livemig.control.vm_controller import VMController
 
     logging.basicConfig(level=args.log.upper(), format="%(asctime)s %(name)s: %(message)s")
+    cpr = None
     try:
-        machine = build_machine(args)
-    except ValueError as e:
+        main_uri, cpr = _incoming_channels(args.incoming or [])
+        ram_fds = None
+        if cpr is not None:
+            # a cpr-transfer destination takes the old process's memory before anything
+            # else (QEMU reads the cpr channel before its monitor starts)
+            cpr.receive()
+            ram_fds = cpr.take_ram_fds()
+        machine = build_machine(args, ram_fds)
+    except (ValueError, OSError) as e:
+        if cpr is not None:
+            cpr.close()  # the old process sees the channel end and keeps its guest
         print(f"livemig vm: {e}", file=sys.stderr)
         return 2
     qmp = QMPServer(args.qmp)
-    ctl = VMController(machine, qmp, autostart=not args.paused)
+    ctl = VMController(machine, qmp, autostart=not args.paused, cpr=cpr)
     tls_params = {k: v for k, v in (("tls-creds", args.tls_creds), ("tls-authz", args.tls_authz)) if v}
     if tls_params:  # before --incoming starts listening
         from livemig.migration.core.params import MigrationConfigError
@@ -158,11 +172,11 @@ def cmd_vm(args: argparse.Namespace) -> int:
             machine.board.wait_serial_client(ctl.quit_requested)  # unix:...,server,wait=on
         if ctl.quit_requested.is_set():
             pass
-        elif args.incoming and args.incoming != "defer":
+        elif main_uri is not None:
             from livemig.control.qmp_server import QMPError
 
             try:
-                ctl.migrate_incoming(args.incoming)
+                ctl.migrate_incoming(main_uri)
             except QMPError as e:
                 print(f"livemig vm: {e}", file=sys.stderr)
                 return 2
@@ -175,6 +189,31 @@ def cmd_vm(args: argparse.Namespace) -> int:
         qmp.stop()
         machine.close()
     return ctl.exit_status  # isa-debug-exit: (value << 1) | 1, as QEMU
+
+
+def _incoming_channels(values: list[str]) -> tuple[str | None, Any]:
+    """The main ``--incoming`` (None: defer or none) and a cpr channel's receiver, if any."""
+    from livemig.migration.channels import URIError
+    from livemig.migration.cpr.channels import parse_incoming_option
+    from livemig.migration.cpr.incoming import CprReceiver
+
+    main: str | None = None
+    cpr = None
+    try:
+        for v in values:
+            kind, uri = parse_incoming_option(v)
+            if kind == "cpr":
+                if cpr is not None:
+                    raise URIError("--incoming: more than one cpr channel")
+                assert uri is not None
+                cpr = CprReceiver(uri)
+            elif uri is not None:
+                main = str(uri)
+    except BaseException:
+        if cpr is not None:
+            cpr.close()
+        raise
+    return main, cpr
 
 
 # -- livemig migrate / info ----------------------------------------------------------------------
@@ -219,9 +258,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.downtime_limit is not None:
             params["downtime-limit"] = args.downtime_limit
         try:
+            if args.cpr:  # cpr-transfer: main + cpr channels (docs/local-update.md)
+                from livemig.migration.channels import parse_uri
+                from livemig.migration.cpr.channels import uri_to_address
+
+                params["mode"] = "cpr-transfer"
+                channels = [{"channel-type": "main", "addr": uri_to_address(parse_uri(args.uri))},
+                            {"channel-type": "cpr", "addr": uri_to_address(parse_uri(args.cpr))}]
             if params:
                 c.execute("migrate-set-parameters", **params)
-            c.execute("migrate", uri=args.uri)
+            if args.cpr:
+                c.execute("migrate", channels=channels)
+            else:
+                c.execute("migrate", uri=args.uri)
         except QMPClientError as e:
             print(f"livemig migrate: {e.desc}", file=sys.stderr)
             return 1
@@ -303,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     mig.add_argument("--tls-hostname", help="name the destination's certificate must match")
     mig.add_argument("--overwrite", action="store_true",
                      help="a file: target may replace an existing file (x-file-overwrite)")
+    mig.add_argument("--cpr", metavar="unix:PATH",
+                     help="cpr-transfer to a new process on this host: its cpr channel")
     mig.add_argument("--json", action="store_true")
     mig.set_defaults(func=cmd_migrate)
     info = sub.add_parser("info", help="show a VM's state (via its QMP socket)")

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from livemig.migration.inspect import (
+from livemig.inspect import (
     CommandReport,
     SectionReport,
     StreamReport,

@@ -22,6 +22,8 @@ from livemig.memory.discard_manager import Section
 from livemig.migration.channels import URIError, parse_uri
 from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, MigrationConfigError, Parameters
+from livemig.migration.cpr.channels import parse_channels
+from livemig.migration.cpr.incoming import CprReceiver
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.modes import incoming_migration, outgoing_migration
 from livemig.migration.outgoing import OutgoingMigration
@@ -35,8 +37,15 @@ log = logging.getLogger(__name__)
 class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
     """Owns one machine and its migrations; registers the QMP commands."""
 
-    def __init__(self, machine: Machine, qmp: QMPServer | None = None, autostart: bool = True):
+    def __init__(
+        self,
+        machine: Machine,
+        qmp: QMPServer | None = None,
+        autostart: bool = True,
+        cpr: CprReceiver | None = None,
+    ):
         self.machine = machine
+        self.cpr = cpr  # a cpr-transfer destination: the old process's memory arrived here
         self.qmp = qmp
         self.autostart = autostart
         self.caps = Capabilities()
@@ -117,10 +126,19 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
             return
         if self.outgoing is not None and self.outgoing.is_running():
             raise QMPError("Cannot continue while a migration is running")
+        why = self.outgoing.cont_refused() if self.outgoing is not None else None
+        if why:
+            raise QMPError(why)
         self.machine.cont()
 
     def quit(self) -> None:
         self.host_quit("host-qmp-quit")
+
+    def system_reset(self) -> None:
+        why = self.outgoing.cont_refused() if self.outgoing is not None else None
+        if why:  # cpr-transfer: the memory is the new process's now; a reset would write it
+            raise QMPError(why)
+        super().system_reset()
 
     # -- QOM --------------------------------------------------------------------------------------------
     def _vmem_for(self, path: str) -> Any:
@@ -160,9 +178,17 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
 
     # -- migration ---------------------------------------------------------------------------------------
     def migrate(self, uri: str | None = None, resume: bool = False, detach: bool = True,
-                blk: bool = False, inc: bool = False) -> None:
-        if uri is None:
-            raise QMPError("Parameter 'uri' is missing")
+                blk: bool = False, inc: bool = False, channels: list | None = None) -> None:
+        if (uri is None) == (channels is None):
+            raise QMPError("need either 'uri' or 'channels' argument")
+        cpr = None
+        if channels is not None:
+            try:
+                chans = parse_channels(channels)
+            except URIError as e:
+                raise QMPError(str(e)) from e
+            uri, cpr = str(chans["main"]), chans.get("cpr")
+        assert uri is not None
         if resume:
             return self.migrate_resume(uri)
         if blk or inc:
@@ -170,6 +196,9 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
         with self._lock:
             if self.outgoing is not None and self.outgoing.is_running():
                 raise QMPError("There's a migration process in progress")
+            if self.incoming is not None and self.incoming.job.running:
+                # postcopy or an instant restore: pages still missing read as holes
+                raise QMPError("The incoming migration is still running: not all memory is here yet")
             if self.machine.runstate in ("inmigrate", "shutdown"):
                 raise QMPError(f"Cannot migrate a VM in state '{self.machine.runstate}'")
             self.check_not_blocked()
@@ -179,7 +208,10 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
                 raise QMPError(str(e)) from e
             self._check_tls_source(target)
             self.check_postcopy_start(target)
-            self.outgoing = outgoing_migration(self.machine, target, self.caps, self.params, self.emit)
+            try:
+                self.outgoing = outgoing_migration(self.machine, target, self.caps, self.params, self.emit, cpr=cpr)
+            except ValueError as e:
+                raise QMPError(str(e)) from e
             self.outgoing.start()
 
     def _check_tls_source(self, target: Any) -> None:
@@ -191,7 +223,18 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
         if client is not None and self.caps.enabled.get("zero-copy-send"):
             raise QMPError("Zero copy only available for non-compressed non-TLS multifd migration")
 
-    def migrate_incoming(self, uri: str) -> None:
+    def migrate_incoming(self, uri: str | None = None, channels: list | None = None) -> None:
+        if (uri is None) == (channels is None):
+            raise QMPError("need either 'uri' or 'channels' argument")
+        if channels is not None:
+            if len(channels) != 1:
+                raise QMPError("Channel list has more than one entries"
+                               " (a 'cpr' channel is given on the command line only)")
+            try:
+                uri = str(parse_channels(channels)["main"])
+            except URIError as e:
+                raise QMPError(str(e)) from e
+        assert uri is not None
         with self._lock:
             if self.machine.runstate != "inmigrate":
                 raise QMPError("'-incoming' was not specified on the command line")
@@ -201,11 +244,14 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
                 target = parse_uri(uri)
                 tls = TLSServer.from_params(self.params, target)
                 self.incoming = incoming_migration(
-                    self.machine, target, self.caps, self.emit, autostart=self.autostart, tls=tls
+                    self.machine, target, self.caps, self.emit, autostart=self.autostart, tls=tls,
+                    params=self.params, cpr=self.cpr,
                 )
-            except (URIError, OSError, TLSConfigError) as e:
+            except (URIError, OSError, TLSConfigError, ValueError) as e:
                 raise QMPError(f"Failed to start incoming migration: {e}") from e
             self.incoming.start()
+            if self.cpr is not None:
+                self.cpr.close()  # listening now: the old process connects (QEMU's HUP)
 
     def migrate_cancel(self) -> None:
         """Cancel the outgoing migration; on a destination, the incoming one (whatever its
@@ -261,6 +307,8 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
         x_vcpu_dirty_limit_period: int | None = None,
         vcpu_dirty_limit: int | None = None,
         avail_switchover_bandwidth: int | None = None,
+        mode: str | None = None,
+        direct_io: bool | None = None,
     ) -> None:
         given = {
             "max-bandwidth": max_bandwidth,
@@ -280,6 +328,8 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
             "x-vcpu-dirty-limit-period": x_vcpu_dirty_limit_period,
             "vcpu-dirty-limit": vcpu_dirty_limit,
             "avail-switchover-bandwidth": avail_switchover_bandwidth,
+            "mode": mode,
+            "direct-io": direct_io,
         }
         try:
             self.params.set({k: v for k, v in given.items() if v is not None})

@@ -36,12 +36,15 @@ class LoadContext:
     ``postcopy``: RAM pages will still arrive after the device state (postcopy), so a
     component must not discard or populate guest memory now (virtio-mem's ``post_load``
     skips discarding unplugged ranges then; faults on them are answered locally).
+    ``ram_ignored``: guest RAM is not migrated but handed over with its content (QEMU's
+    ignored blocks; cpr-transfer): a component must neither discard nor populate it.
     ``figures``: numbers a component measured while loading (:meth:`report`); the
     destination shows them in ``query-migrate`` — audits of what the load itself did,
     taken before a later step (a discard) could tidy the evidence away.
     """
 
     postcopy: bool = False
+    ram_ignored: bool = False  # guest RAM is not migrated but shared (cpr-transfer): leave it
     figures: dict[str, int] = field(default_factory=dict)
 
     def report(self, name: str, value: int) -> None:

@@ -254,7 +254,7 @@ class _Loader:
             offs, sizes = vm.run_arrays(vm.mr.whole(), False)
             ctx.report("unplugged-bytes-populated", vm.mr.block.allocated_in_runs(offs, sizes))
         try:
-            vm.load_state(state, postcopy=ctx.postcopy)
+            vm.load_state(state, postcopy=ctx.postcopy, ram_ignored=ctx.ram_ignored)
         except VirtioMemError as e:
             raise DecodeError(at, f"{vm.id}/virtio-mem: {e}") from e
 

@@ -75,6 +75,9 @@ class MachineConfig:
     accel: str = "soft"
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     incoming: bool = False
+    # cpr-transfer destination: the memfd of each RAM block, by block name, handed over by
+    # the old process (migration.cpr); the blocks map them instead of allocating memory
+    ram_fds: dict[str, int] = field(default_factory=dict)
     boot_sector: str | None = None
     kernel: str | None = None
     append: str | None = None
@@ -97,9 +100,12 @@ class Machine:
         config = dataclasses.replace(config, accel=accel)
         self.config = config
         self.name = config.name
+        fds = dict(config.ram_fds)
         self.memory = GuestMemoryMap()
         self.ram = self.memory.add(
-            MemoryRegion("pc.ram", RAMBlock("pc.ram", config.memory, config.ram_backend), 0)
+            MemoryRegion(
+                "pc.ram", RAMBlock("pc.ram", config.memory, config.ram_backend, fd=fds.pop("pc.ram", None)), 0
+            )
         )
         self.vmem: VirtioMem | None = None
         self.vmem_mr: MemoryRegion | None = None
@@ -108,7 +114,7 @@ class Machine:
             addr = vc.memaddr
             if addr is None:
                 addr = device_memory_addr(accel, config.memory, vc.size, vc.block_size)
-            block = RAMBlock(f"{vc.id}-memdev", vc.size, vc.backend)
+            block = RAMBlock(f"{vc.id}-memdev", vc.size, vc.backend, fd=fds.pop(f"{vc.id}-memdev", None))
             self.vmem_mr = MemoryRegion(f"{vc.id}-memdev", block, addr)
             self.vmem = VirtioMem(
                 vc.id,
@@ -119,6 +125,8 @@ class Machine:
                 incoming=config.incoming,
             )
             self.memory.add(self.vmem_mr)
+        if fds:
+            raise ValueError(f"RAM blocks {', '.join(sorted(fds))} were handed over but this machine has none such")
         self.usable = UsableMemory()
         self.runstate = "inmigrate" if config.incoming else "prelaunch"
         self.runstate_listeners: list[Callable[[str, str], None]] = []

@@ -8,6 +8,11 @@ when memory is given back and when holes are read (platform notes, section 1):
   hole *allocates* a page, so livemig never reads holes of memfd-backed RAM.
 * ``anon``: private anonymous mapping. Discard is ``MADV_DONTNEED``; reading a discarded
   page maps the shared zero page and allocates nothing.
+
+A memfd block can also *adopt* the memfd of another process's block (``fd=``: cpr-transfer
+hands guest RAM to a new process over a unix socket). Such memory is :attr:`RAMBlock.shared`
+with the other process, and so is a block whose memfd this process handed out: closing a
+shared block only unmaps it, it never punches the memory out from under the other side.
 """
 
 from __future__ import annotations
@@ -193,13 +198,28 @@ class RAMBlock(BlockLayout):
         backend: str = "memfd",
         max_length: int | None = None,
         page_size: int = PAGE_SIZE,
+        fd: int | None = None,
     ):
         if backend not in BACKENDS:
             raise RAMBlockError(f"unknown RAM backend {backend!r} (expected one of {BACKENDS})")
         super().__init__(idstr, size, max_length, page_size)
         max_length = self.max_length
         self.backend = backend
-        if backend == "memfd":
+        self.shared = False  # another process maps this memory too (cpr-transfer)
+        if fd is not None:
+            if backend != "memfd":
+                raise RAMBlockError(f"RAM block {idstr!r}: only a memfd backend can adopt a memfd")
+            have = os.fstat(fd).st_size
+            if have != max_length:
+                os.close(fd)
+                raise RAMBlockError(
+                    f"RAM block {idstr!r}: the adopted memfd has 0x{have:x} bytes, "
+                    f"this block needs 0x{max_length:x}"
+                )
+            self.fd = fd
+            self.shared = True
+            self.mmap = mmap.mmap(self.fd, max_length, flags=mmap.MAP_SHARED)
+        elif backend == "memfd":
             self.fd = os.memfd_create(f"livemig:{idstr}", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, max_length)
             self.mmap = mmap.mmap(self.fd, max_length, flags=mmap.MAP_SHARED)
@@ -288,7 +308,8 @@ class RAMBlock(BlockLayout):
         if self.mmap.closed or getattr(self, "_closed", False):
             return
         self._closed = True
-        self.discard_range(0, self.max_length)
+        if not self.shared:  # shared memory stays for the other process (cpr-transfer)
+            self.discard_range(0, self.max_length)
         self.view.release()
         del self._anchor
         try:

@@ -32,7 +32,7 @@ from livemig.migration.channels import Listener, MigrationURI, open_file_for_rea
 from livemig.migration.core import status
 from livemig.migration.core.deadline import Deadline
 from livemig.migration.core.job import MigrationJob
-from livemig.migration.core.params import KNOWN_CAPABILITIES, Capabilities
+from livemig.migration.core.params import KNOWN_CAPABILITIES, STREAM_CAPABILITIES, Capabilities
 from livemig.migration.core.vm import MigratableVM
 from livemig.migration.ram.load import RamLoader
 from livemig.migration.ram.prefault import Prefaulter
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 READ_BUFFER = 4 << 20
 SETUP_DEADLINE = 10.0
 """Seconds from the source's connection to the end of its configuration section."""
-VALIDATED_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
+VALIDATED_CAPABILITIES = STREAM_CAPABILITIES
 """Capabilities that change the stream format: source and destination must agree."""
 
 CommandFn = Callable[[savevm.Command, QEMUFileReader, int], None]
@@ -72,6 +72,7 @@ class IncomingMigration:
         tls: TLSServer | None = None,
         channels: Callable[[IncomingMigration], Any] | None = None,
         postcopy: Callable[[IncomingMigration, Listener], Any] | None = None,
+        on_loaded: Callable[[IncomingMigration], None] | None = None,
     ):
         if vm.runstate != "inmigrate":
             raise RuntimeError("the VM is not waiting for an incoming migration")
@@ -101,6 +102,9 @@ class IncomingMigration:
         # its channels; postcopy starts when the source connects with postcopy-ram on
         self._accept_channels = channels
         self._start_postcopy = postcopy
+        # called once the load succeeded and the source was told, before the guest starts
+        # (cpr-transfer keeps the main channel to tell the source when the guest runs)
+        self._on_loaded = on_loaded
         if uri.scheme in ("tcp", "unix"):
             # bind now: a busy port is the caller's error; with tls, accept() hands out
             # TLS channels (the same for every connection of this migration)
@@ -152,6 +156,11 @@ class IncomingMigration:
             except OSError:
                 pass
 
+    def release_main_channel(self) -> Any:
+        """Hand the main socket over for good: the clean-up no longer closes it."""
+        sock, self.sock = self.sock, None
+        return sock
+
     def close_listener(self) -> None:
         if self.listener is not None:
             self.listener.close()
@@ -182,6 +191,8 @@ class IncomingMigration:
         prefault.release_unused(self.loader.maybe_data)
         self.audit_unplugged()
         self.send_shut(0)
+        if self._on_loaded is not None:
+            self._on_loaded(self)
         self.vm.start_incoming_guest()
         if self.autostart:
             self.vm.cont()
@@ -395,6 +406,9 @@ class IncomingMigration:
                 raise StreamError(at, f"Received unknown capability {cap}")
             if cap in VALIDATED_CAPABILITIES and not self.caps[cap]:
                 raise StreamError(at, f"Capability {cap} is off, but received capability is on")
+        for cap in VALIDATED_CAPABILITIES:
+            if self.caps[cap] and cap not in cfg["capabilities"]:
+                raise StreamError(at, f"Capability {cap} is on, but received capability is off")
 
     def _command(self, r: QEMUFileReader, at: int) -> None:
         command = savevm.read_command(r)

@@ -12,7 +12,14 @@ from livemig.migration.channels import Listener, MigrationURI
 from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, Parameters
 from livemig.migration.core.vm import MigratableVM
+from livemig.migration.cpr.channels import CprError
+from livemig.migration.cpr.incoming import CprReceiver, cpr_incoming
+from livemig.migration.cpr.source import cpr_outgoing
 from livemig.migration.incoming import IncomingMigration
+from livemig.migration.mapped_ram.layout import MappedRamConfigError
+from livemig.migration.mapped_ram.load import MappedRamLoader
+from livemig.migration.mapped_ram.restore import InstantRestore
+from livemig.migration.mapped_ram.save import MappedRamSaver, check_target
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
 from livemig.migration.outgoing import OutgoingMigration
@@ -28,8 +35,22 @@ def outgoing_migration(
     caps: Capabilities,
     params: Parameters,
     emit: status.EventFn = status.no_events,
+    cpr: MigrationURI | None = None,
 ) -> OutgoingMigration:
-    """An outgoing migration (not started) for the capabilities as they are now."""
+    """An outgoing migration (not started) for the capabilities as they are now.
+
+    ``cpr``: the ``cpr`` channel of a ``channels`` list (mode ``cpr-transfer`` only).
+    Raises ``ValueError`` (a :class:`CprError`, ...) for a combination that cannot work.
+    """
+    if params.mode == "cpr-transfer":
+        return cpr_outgoing(vm, uri, cpr, caps, params, emit)
+    if cpr is not None:
+        raise CprError("a 'cpr' channel needs the migration mode cpr-transfer")
+    if caps["mapped-ram"]:
+        check_target(uri, caps)
+        return OutgoingMigration(vm, uri, caps, params, emit, channels=MappedRamSaver.attach)
+    if params.direct_io:
+        raise MappedRamConfigError("direct-io needs the mapped-ram capability")
     if caps["background-snapshot"]:
         return OutgoingMigration(vm, uri, caps, params, emit, mode=BackgroundSnapshot)
     channels = MultifdSender.attach if caps["multifd"] else None
@@ -47,9 +68,29 @@ def incoming_migration(
     emit: status.EventFn = status.no_events,
     autostart: bool = True,
     tls: TLSServer | None = None,
+    params: Parameters | None = None,
+    cpr: CprReceiver | None = None,
 ) -> IncomingMigration:
     """An incoming migration (not started). Its modes follow the capabilities as they
-    are when the source connects (QEMU's destination reads them then too)."""
+    are when the source connects (QEMU's destination reads them then too).
+
+    ``cpr``: this process was started as a cpr-transfer destination and holds the old
+    process's memory (:mod:`livemig.migration.cpr.incoming`).
+    """
+    if cpr is not None:
+        return cpr_incoming(vm, uri, caps, cpr, emit, autostart, tls)
+    params = params if params is not None else Parameters()
+    if caps["mapped-ram"]:
+        if uri.scheme != "file":
+            raise MappedRamConfigError(f"mapped-ram needs a file: migration URI, not {uri.scheme}:")
+        inc = IncomingMigration(vm, uri, caps, emit, autostart, tls)
+        if caps["postcopy-ram"]:  # QEMU's fast snapshot load: the guest runs at once
+            InstantRestore.attach(inc)
+        else:
+            MappedRamLoader.attach(inc, params)
+        return inc
+    if params.direct_io:
+        raise MappedRamConfigError("direct-io needs the mapped-ram capability")
 
     def channels(inc: IncomingMigration) -> object:
         return MultifdReceiver.attach(inc) if caps["multifd"] else None

@@ -41,7 +41,7 @@ from livemig.migration.core import status
 from livemig.migration.core.deadline import Deadline
 from livemig.migration.core.guest import GuestControl
 from livemig.migration.core.job import Cancelled, MigrationJob, describe
-from livemig.migration.core.params import Capabilities, Parameters
+from livemig.migration.core.params import STREAM_CAPABILITIES, Capabilities, Parameters
 from livemig.migration.core.rate import RateLimiter
 from livemig.migration.core.vm import MigratableVM
 from livemig.migration.ram.codec import write_block_list
@@ -93,6 +93,7 @@ class OutgoingMigration:
         emit: status.EventFn = status.no_events,
         mode: Callable[[OutgoingMigration], SourceMode] | None = None,
         channels: Callable[[OutgoingMigration], Any] | None = None,
+        prepare: Callable[[OutgoingMigration], None] | None = None,
     ):
         self.vm = vm
         self.uri = uri
@@ -128,6 +129,11 @@ class OutgoingMigration:
         self.mode: SourceMode = (mode or Precopy)(self)
         self.postcopy: Any = None  # the postcopy mode, for its QMP commands
         self._attach_channels = channels  # multifd: opens its channels, takes over the sink
+        # runs in the migration thread before the main channel opens (cpr-transfer: hands
+        # the memory over and waits until the destination listens)
+        self._prepare = prepare
+        # writes the RAM set-up's block list (mapped-ram adds each block's file layout)
+        self.write_blocks: Callable[[QEMUFileWriter, list[Any]], None] = write_block_list
 
     # -- public ----------------------------------------------------------------------------
     @property
@@ -189,6 +195,8 @@ class OutgoingMigration:
 
     # -- the migration thread --------------------------------------------------------------
     def _body(self) -> None:
+        if self._prepare is not None:
+            self._prepare(self)
         self.open_channel()
         if self._attach_channels is not None:
             self.multifd = self._attach_channels(self)  # replaces the sink and the writer
@@ -290,6 +298,17 @@ class OutgoingMigration:
             os.close(self.fd)
             self.fd = -1
 
+    def release_main_channel(self) -> Any:
+        """Hand the main socket over for good (cpr-transfer watches it after completion):
+        the clean-up neither shuts it down nor closes it then."""
+        sock, self.sock = self.sock, None
+        return sock
+
+    def cont_refused(self) -> str | None:
+        """Why the guest must not run here now (a mode that handed it over says), or None."""
+        why = getattr(self.mode, "cont_refused", None)
+        return why() if why is not None else None
+
     def start_return_path(self) -> ReturnPathReader:
         """A reader for the current main socket (postcopy recovery calls this again)."""
         self.rp = ReturnPathReader(
@@ -307,14 +326,15 @@ class OutgoingMigration:
         early device sections; then ``active``."""
         w = self.writer
         savevm.write_header(w)
-        self.config_desc = savevm.write_configuration(w, self.vm.machine_type)
+        caps = [c for c in STREAM_CAPABILITIES if self.caps.enabled.get(c)]
+        self.config_desc = savevm.write_configuration(w, self.vm.machine_type, capabilities=caps)
         if self.sock is not None and self.mode.return_path:
             savevm.write_command(w, MigCommand.OPEN_RETURN_PATH, b"")
             self.mode.commands(w)
             self.start_return_path()
         log_ = self.mode.start_log
         savevm.start_section(w, SectionType.START, self.ram_id, RAM_IDSTR, 0, RAM_VERSION)
-        write_block_list(w, [b.block for b in self.ram.blocks])
+        self.write_blocks(w, [b.block for b in self.ram.blocks])
         self.ram.init_bitmaps(start_log=log_, sync=log_)
         if log_:
             self.pass_event()

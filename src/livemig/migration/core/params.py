@@ -42,6 +42,14 @@ KNOWN_CAPABILITIES = (
 SUPPORTED_CAPABILITIES = ("events", "return-path", "multifd", "zero-copy-send", "background-snapshot")
 SUPPORTED_CAPABILITIES += ("postcopy-ram", "postcopy-blocktime", "postcopy-preempt")
 SUPPORTED_CAPABILITIES += ("auto-converge", "dirty-limit", "pause-before-switchover")
+SUPPORTED_CAPABILITIES += ("mapped-ram",)
+STREAM_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
+"""Capabilities that change the stream format: the configuration section names the ones
+that are on, and the destination must have the same ones on."""
+
+# QEMU's MigMode values; livemig implements normal and cpr-transfer (migration/cpr/)
+KNOWN_MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
+SUPPORTED_MODES = ("normal", "cpr-transfer")
 
 
 class MigrationConfigError(ValueError):
@@ -110,6 +118,8 @@ class Capabilities:
             raise MigrationConfigError(
                 "dirty-limit conflicts with auto-converge either of then available currently"
             )
+        if staged["mapped-ram"] and staged["xbzrle"]:
+            raise MigrationConfigError("Mapped-ram migration is incompatible with xbzrle")
         self.enabled = staged
 
     def query(self) -> list[dict[str, Any]]:
@@ -136,12 +146,16 @@ class Parameters:
     x_vcpu_dirty_limit_period: int = 1000  # ms between dirty-limit adjustments
     vcpu_dirty_limit: int = 1  # MB/s per vCPU under dirty-limit
     avail_switchover_bandwidth: int = 0  # bytes/s the switchover may use; 0 = as measured
+    mode: str = "normal"  # QEMU's MigMode: normal or cpr-transfer (migration/cpr/)
+    direct_io: bool = False  # O_DIRECT for the page data of mapped-ram files
 
     _OTHER_FIELDS: ClassVar[dict[str, tuple[str, type]]] = {
         "tls-creds": ("tls_creds", str),
         "tls-hostname": ("tls_hostname", str),
         "tls-authz": ("tls_authz", str),
         "x-file-overwrite": ("x_file_overwrite", bool),
+        "mode": ("mode", str),
+        "direct-io": ("direct_io", bool),
     }
 
     _FIELDS: ClassVar[dict[str, tuple[str, int, int]]] = {
@@ -179,6 +193,10 @@ class Parameters:
                     raise MigrationConfigError(f"Invalid parameter type for '{key}', expected: {expected}")
                 if key == "tls-creds" and value and not os.path.isdir(value):
                     raise MigrationConfigError(f"Parameter 'tls-creds': {value} is not a directory")
+                if key == "mode" and value not in KNOWN_MODES:
+                    raise MigrationConfigError(f"Parameter 'mode' does not accept value '{value}'")
+                if key == "mode" and value not in SUPPORTED_MODES:
+                    raise MigrationConfigError(f"Migration mode '{value}' is not supported by livemig")
                 staged[attr] = value
                 continue
             if key not in self._FIELDS:

@@ -7,7 +7,7 @@ the VM's components registered, and run control. ``livemig.machine.Machine`` is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from livemig.devices.state import StateRegistry
@@ -19,6 +19,8 @@ class MigratableVM(Protocol):
     memory: GuestMemoryMap
     state: StateRegistry
     runstate: str
+    # called with (old, new) on every run-state change, before vCPUs resume for "running"
+    runstate_listeners: list[Callable[[str, str], None]]
 
     @property
     def dirty_log(self) -> DirtyLog: ...

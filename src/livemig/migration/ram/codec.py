@@ -11,8 +11,12 @@ through strided numpy views (8-byte header + page per PAGE record, 9 bytes per Z
 record), and the decoder looks at the bytes already buffered: a run of PAGE|CONTINUE
 records is a sequence of 4104-byte strides, a run of ZERO|CONTINUE records one of 9-byte
 strides, and numpy views validate all headers of a run at once and hand all its pages to
-the consumer in one call. The destination's loader and ``livemig inspect`` both read RAM
-through :class:`RecordDecoder`; every sender writes through :class:`RecordEncoder`.
+the consumer in one call. A run of one record (QEMU sends memory page by page, so where
+zero and data pages alternate every run is one record long) is checked without numpy. The
+destination's loader and ``livemig inspect`` both read RAM through :class:`RecordDecoder`
+(the inspector with the stream's own page size and block list, and a hook for the
+XBZRLE and compressed records the loader refuses); every sender writes through
+:class:`RecordEncoder`.
 
 Validation (reference 3.8): nothing beyond a block's used length, no unknown block, no
 unknown or unsupported flag, a zero fill byte, no truncated record; each problem is a
@@ -21,15 +25,20 @@ unknown or unsupported flag, a zero fill byte, no truncated record; each problem
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from livemig.memory.ram_block import RAMBlock
 from livemig.migration.ram.pages import PageBatch
 from livemig.migration.ram.state import BATCH_PAGES, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, RamStats
-from livemig.migration.stream.format import RamFlag
+from livemig.migration.stream.format import (
+    ENCODING_FLAG_XBZRLE,
+    RAM_FLAG_REMOVED_COMPRESS_PAGE,
+    RAM_MIN_PAGE_BITS,
+    RamFlag,
+)
 from livemig.migration.stream.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
 
 PAGE_RECORD = 8 + TARGET_PAGE_SIZE
@@ -49,17 +58,31 @@ KNOWN_FLAGS = int(
 )
 _PAGE_C = int(RamFlag.PAGE | RamFlag.CONTINUE)
 _ZERO_C = int(RamFlag.ZERO | RamFlag.CONTINUE)
+_KINDS = int(RamFlag.ZERO | RamFlag.PAGE)
+_ENCODED_KINDS = int(RamFlag.XBZRLE) | RAM_FLAG_REMOVED_COMPRESS_PAGE
+MAX_PAGE_BITS = 31
+"""The largest target page a configuration record may announce (2 GiB)."""
 
 
 # -- encoding -------------------------------------------------------------------------------
 
 
-def write_block_list(w: QEMUFileWriter, blocks: list[RAMBlock]) -> None:
-    """The set-up payload: MEM_SIZE with every block's name and used length, then EOS."""
+def write_block_list(
+    w: QEMUFileWriter,
+    blocks: list[RAMBlock],
+    after_block: Callable[[QEMUFileWriter, RAMBlock], None] | None = None,
+) -> None:
+    """The set-up payload: MEM_SIZE with every block's name and used length, then EOS.
+
+    ``after_block(w, block)`` writes what a capability adds to each entry (mapped-ram's
+    header and the block's place in the file).
+    """
     w.put_be64(sum(b.used_length for b in blocks) | RamFlag.MEM_SIZE)
     for b in blocks:
         w.put_counted_string(b.idstr.encode())
         w.put_be64(b.used_length)
+        if after_block is not None:
+            after_block(w, b)
     w.put_be64(RamFlag.EOS)
 
 
@@ -177,7 +200,9 @@ class RecordConsumer(Protocol):
     """Where decoded records go (the loader applies them; ``inspect`` counts them).
 
     ``data`` is a view into the reader's buffer, valid only during the call. ``at`` is the
-    stream offset of the run's first record.
+    stream offset of the run's first record; the others follow at a fixed stride
+    (:attr:`RecordDecoder.page_record` for PAGE records, :data:`ZERO_RECORD` for ZERO
+    records). A call for a record that names its block has that one record only.
     """
 
     def pages(self, block: Any, pages: np.ndarray, data: np.ndarray, at: int) -> None: ...
@@ -185,27 +210,90 @@ class RecordConsumer(Protocol):
     def flush(self, at: int) -> None: ...
 
 
-def read_block_list(r: QEMUFileReader) -> tuple[int, list[tuple[int, str, int]], int]:
+EncodedHook = Callable[[Any, int, int, int], None]
+"""``on_encoded(block, page, kind, at)``: an XBZRLE or compressed-page record, its payload
+checked for size and skipped; ``kind`` is ``RamFlag.XBZRLE`` or
+:data:`~livemig.migration.stream.format.RAM_FLAG_REMOVED_COMPRESS_PAGE`."""
+
+
+class BlockEntry(NamedTuple):
+    """One block of the MEM_SIZE list, with the offsets a message about it should name."""
+
+    at: int  # the entry (its name's length byte)
+    name: str
+    length: int
+    length_at: int
+    page_size: int | None = None  # postcopy: the block's page size, when the source sent it
+    addr: int | None = None  # x-ignore-shared: the block's guest address
+
+
+def read_block_list(
+    r: QEMUFileReader,
+    *,
+    page_bits: int = TARGET_PAGE_BITS,
+    postcopy: bool = False,
+    ignore_shared: bool = False,
+    after_entry: Callable[[QEMUFileReader, BlockEntry], None] | None = None,
+) -> tuple[int, list[BlockEntry], int]:
     """The MEM_SIZE set-up record and its block list (EOS not read yet).
 
-    Returns ``(total, [(offset, name, length)], offset after the list)``: entries are read
-    until their lengths reach ``total``; whether they match a VM is the caller's check.
+    Returns ``(total, entries, offset after the list)``: entries are read until their
+    lengths reach ``total``; whether they add up to it, or match a VM, is the caller's
+    check (the loader names the block that differs from its own). Each entry has a
+    non-empty UTF-8 name, seen once, and a length that is a positive multiple of the page.
+
+    Two optional fields follow an entry's length, as the source's capabilities say:
+    ``ignore_shared`` (x-ignore-shared) the block's address, always; ``postcopy`` (the
+    stream advised postcopy) the block's page size, which QEMU sends only when it is not
+    the host page size. An offline reader cannot know that size, so a be64 there is taken
+    as the page size when it is a power of two from the target page to 1 TiB: the next
+    entry would start with its name's length byte (a be64 of at least 2^56), EOS or
+    MULTIFD_FLUSH with a value below the page size.
+
+    ``after_entry(r, entry)`` reads what a capability adds after those fields (mapped-ram:
+    the block's header, then the stream continues after the block's pages in the file).
     """
+    mask = (1 << page_bits) - 1
     at = r.tell()
     hdr = r.get_be64()
-    flags = hdr & FLAG_MASK
+    flags = hdr & mask
     if flags != RamFlag.MEM_SIZE:
         raise StreamError(at, f"RAM setup: expected MEM_SIZE record, got flags 0x{flags:x}")
-    total = hdr & ~FLAG_MASK
-    entries: list[tuple[int, str, int]] = []
+    total = hdr & ~mask
+    entries: list[BlockEntry] = []
+    seen: set[str] = set()
     remaining = total
     while remaining > 0:
         at = r.tell()
-        name = r.get_counted_string().decode(errors="replace")
+        raw = r.get_counted_string()
+        if not raw:
+            raise StreamError(at, "RAM block list: empty block name")
+        try:
+            name = raw.decode()
+        except UnicodeDecodeError:
+            raise StreamError(at, f"RAM block list: name {raw!r} is not UTF-8") from None
+        if name in seen:
+            raise StreamError(at, f'RAM block "{name}" listed twice')
+        seen.add(name)
+        length_at = r.tell()
         length = r.get_be64()
-        if length == 0:
-            raise StreamError(at, f"RAM block \"{name}\" listed with length 0")
-        entries.append((at, name, length))
+        if length == 0 or length & mask:
+            raise StreamError(
+                length_at,
+                f'RAM block "{name}": length 0x{length:x} is not a positive multiple of the '
+                f"page size 0x{mask + 1:x}",
+            )
+        page_size = None
+        if postcopy:
+            head = r.peek(8)
+            v = int.from_bytes(head, "big") if len(head) == 8 else 0
+            if mask < v <= 1 << 40 and v & (v - 1) == 0:
+                r.consume(8)
+                page_size = v
+        addr = r.get_be64() if ignore_shared else None
+        entries.append(BlockEntry(at, name, length, length_at, page_size, addr))
+        if after_entry is not None:
+            after_entry(r, entries[-1])
         remaining -= length
     return total, entries, r.tell()
 
@@ -218,115 +306,225 @@ def expect_eos(r: QEMUFileReader) -> None:
 
 
 class RecordDecoder:
-    """Reads the records of RAM sections and hands them, in runs, to a consumer."""
+    """Reads the records of RAM sections and hands them, in runs, to a consumer.
 
-    def __init__(self, blocks: Mapping[str, Any]):
-        self.blocks = blocks  # name -> block (anything with idstr and used_length)
+    ``blocks`` maps a name to its block (anything with ``idstr`` and ``used_length``); it
+    is looked up whenever a record names its block, so a reader that learns the blocks
+    from the stream's own MEM_SIZE list can fill it after construction.
+
+    ``page_bits``: the target page size of the stream (QEMU sends it in the configuration
+    when it is not the architecture's minimum; livemig's is 4 KiB).
+
+    ``on_encoded``: XBZRLE records and the compressed pages QEMU wrote before 9.1 have no
+    place in guest RAM here, so the loader (no hook) refuses them; ``inspect`` passes a
+    hook, and they are then decoded as far as their framing goes and reported to it.
+    """
+
+    def __init__(
+        self,
+        blocks: Mapping[str, Any],
+        *,
+        page_bits: int = TARGET_PAGE_BITS,
+        on_encoded: EncodedHook | None = None,
+    ):
+        if not RAM_MIN_PAGE_BITS <= page_bits <= MAX_PAGE_BITS:
+            raise ValueError(f"page_bits {page_bits} outside {RAM_MIN_PAGE_BITS}..{MAX_PAGE_BITS}")
+        self.blocks = blocks
+        self.page_bits = page_bits
+        self.page_size = 1 << page_bits
+        self.page_record = 8 + self.page_size
+        self.on_encoded = on_encoded
+        self._mask = self.page_size - 1
+        # run checks read only the header's low bytes, where the flags are
+        self._low_dtype = np.dtype(">u2" if self._mask <= 0xFFFF else ">u4")
+        self._known = KNOWN_FLAGS | (RAM_FLAG_REMOVED_COMPRESS_PAGE if on_encoded else 0)
+        self._kinds = _KINDS | (_ENCODED_KINDS if on_encoded else 0)
         self._block: Any = None
 
     def start_section(self) -> None:
+        """Forget the current block: the next record must name its own (livemig's rule;
+        QEMU's loader keeps the block across sections, and so does ``inspect``)."""
         self._block = None
 
     def read_section(self, r: QEMUFileReader, out: RecordConsumer) -> None:
         """Records up to and including EOS."""
+        mask, page_record = self._mask, self.page_record
         while True:
             buf = r.fill(8)
-            if len(buf) < 8:
-                raise StreamError(r.tell(), "truncated stream: RAM record header cut short")
+            have = len(buf)
+            if have < 8:
+                raise StreamError(
+                    r.tell(),
+                    f"truncated stream: RAM record header cut short ({have} of 8 bytes)",
+                )
             hdr = int.from_bytes(buf[:8], "big")
-            flags = hdr & FLAG_MASK
-            if flags == _PAGE_C and self._block is not None:
-                self._page_run(r, out)
-                continue
-            if flags == _ZERO_C and self._block is not None:
-                self._zero_run(r, out)
-                continue
-            at = r.tell()
-            r.consume(8)
-            addr = hdr & ~FLAG_MASK
-            if flags & ~KNOWN_FLAGS:
-                raise StreamError(at, f"unknown RAM record flags 0x{flags:x}")
-            if flags & RamFlag.EOS:
-                if flags != RamFlag.EOS or addr:
-                    raise StreamError(at, f"malformed RAM EOS record 0x{hdr:016x}")
+            flags = hdr & mask
+            if (flags == _PAGE_C or flags == _ZERO_C) and self._block is not None:
+                stride = page_record if flags == _PAGE_C else ZERO_RECORD
+                if stride <= have and (
+                    have < 2 * stride
+                    or int.from_bytes(buf[stride : stride + 8], "big") & mask != flags
+                ):
+                    self._one(r, out, buf, hdr, stride)  # a run of one record
+                else:
+                    self._run(r, out, flags, stride)
+            elif self._record(r, out, hdr, flags):
                 return
-            if flags & (RamFlag.XBZRLE | RamFlag.HOOK):
-                raise StreamError(at, f"unsupported RAM record flags 0x{flags:x} (XBZRLE/RDMA)")
-            if flags & RamFlag.MULTIFD_FLUSH:
-                if flags != RamFlag.MULTIFD_FLUSH:
-                    raise StreamError(at, f"malformed MULTIFD_FLUSH record 0x{hdr:016x}")
-                out.flush(at)
-                continue
-            if flags & RamFlag.MEM_SIZE:
-                raise StreamError(at, "MEM_SIZE record outside the RAM setup section")
-            kind = flags & ~int(RamFlag.CONTINUE)
-            if kind not in (RamFlag.ZERO, RamFlag.PAGE):
-                raise StreamError(at, f"RAM record with no type (flags 0x{flags:x})")
-            if flags & RamFlag.CONTINUE:
-                if self._block is None:
-                    raise StreamError(at, "RAM record CONTINUE without a previous block")
-                block = self._block
-            else:
-                name = r.get_counted_string().decode(errors="replace")
-                block = self.blocks.get(name)
-                if block is None:
-                    raise StreamError(at, f"Unknown ramblock \"{name}\"")
-                self._block = block
-            check_offset(at, block, addr)
-            page = np.array([addr >> TARGET_PAGE_BITS], np.int64)
-            if kind == RamFlag.ZERO:
-                fill_at = r.tell()
-                fill = r.get_u8()
-                if fill != 0:
-                    raise StreamError(fill_at, f"ZERO record with fill byte 0x{fill:02x} (must be 0)")
-                out.zeros(block, page, at)
-            else:
-                data = r.fill(TARGET_PAGE_SIZE)
-                if len(data) < TARGET_PAGE_SIZE:  # never hand out part of a page
-                    raise StreamError(
-                        r.tell(), f"truncated stream: RAM page of {TARGET_PAGE_SIZE} bytes, got {len(data)}"
-                    )
-                rows = np.frombuffer(data, np.uint8, TARGET_PAGE_SIZE).reshape(1, -1)
-                out.pages(block, page, rows, at)
-                r.consume(TARGET_PAGE_SIZE)
 
-    def _run(self, r: QEMUFileReader, stride: int, flags: int) -> tuple[memoryview, np.ndarray, int]:
+    # -- one record at a time: everything but runs of CONTINUE records ---------------------
+    def _record(self, r: QEMUFileReader, out: RecordConsumer, hdr: int, flags: int) -> bool:
+        """One record that is not part of a run; True if it was EOS."""
+        at = r.tell()
+        r.consume(8)
+        addr = hdr & ~self._mask
+        if flags & ~self._known:
+            raise StreamError(at, f"unknown RAM record flags 0x{flags:x}")
+        if flags & RamFlag.EOS:
+            if flags != RamFlag.EOS or addr:
+                raise StreamError(at, f"malformed RAM EOS record 0x{hdr:016x}")
+            return True
+        if flags & RamFlag.HOOK or (flags & RamFlag.XBZRLE and self.on_encoded is None):
+            what = "RDMA HOOK" if flags & RamFlag.HOOK else "XBZRLE"
+            raise StreamError(at, f"unsupported RAM record flags 0x{flags:x} ({what})")
+        if flags & RamFlag.MULTIFD_FLUSH:
+            if flags != RamFlag.MULTIFD_FLUSH or addr:
+                raise StreamError(at, f"malformed MULTIFD_FLUSH record 0x{hdr:016x}")
+            out.flush(at)
+            return False
+        if flags & RamFlag.MEM_SIZE:
+            raise StreamError(at, "MEM_SIZE record outside the RAM setup section")
+        kind = flags & self._kinds  # what is left besides CONTINUE
+        if kind == 0:
+            raise StreamError(at, f"RAM record with no type (flags 0x{flags:x})")
+        if kind & (kind - 1):
+            raise StreamError(at, f"RAM record with several types (flags 0x{flags:x})")
+        if flags & RamFlag.CONTINUE:
+            if self._block is None:
+                raise StreamError(at, "RAM record CONTINUE without a previous block")
+            block = self._block
+        else:
+            name = r.get_counted_string().decode(errors="replace")
+            block = self.blocks.get(name)
+            if block is None:
+                raise StreamError(at, f'Unknown ramblock "{name}"')
+            self._block = block
+        check_offset(at, block, addr)
+        page = addr >> self.page_bits
+        if kind == RamFlag.ZERO:
+            fill_at = r.tell()
+            fill = r.get_u8()
+            if fill != 0:
+                raise StreamError(fill_at, f"ZERO record with fill byte 0x{fill:02x} (must be 0)")
+            out.zeros(block, np.array([page], np.int64), at)
+        elif kind == RamFlag.PAGE:
+            ps = self.page_size
+            data = r.fill(ps)
+            if len(data) < ps:  # never hand out part of a page
+                raise StreamError(
+                    r.tell(), f"truncated stream: RAM page of {ps} bytes, got {len(data)}"
+                )
+            rows = np.frombuffer(data, np.uint8, ps).reshape(1, -1)
+            out.pages(block, np.array([page], np.int64), rows, at)
+            r.consume(ps)
+        else:
+            assert self.on_encoded is not None  # kinds include these only with a hook
+            self._skip_encoded(r, kind)
+            self.on_encoded(block, page, kind, at)
+        return False
+
+    def _skip_encoded(self, r: QEMUFileReader, kind: int) -> None:
+        """An XBZRLE (u8 encoding, be16 length) or compressed (be32 length) payload."""
+        ps = self.page_size
+        if kind == RamFlag.XBZRLE:
+            enc_at = r.tell()
+            enc = r.get_u8()
+            if enc != ENCODING_FLAG_XBZRLE:
+                raise StreamError(enc_at, f"XBZRLE record with encoding byte 0x{enc:02x}")
+            len_at = r.tell()
+            n = r.get_be16()
+            if n > ps:
+                raise StreamError(len_at, f"XBZRLE record of {n} bytes exceeds a page")
+        else:
+            len_at = r.tell()
+            n = r.get_be32()
+            bound = ps + (ps >> 12) + (ps >> 14) + 13  # zlib's compressBound
+            if n > bound:
+                raise StreamError(len_at, f"compressed page of {n} bytes exceeds {bound}")
+        r.skip(n)
+
+    # -- runs of PAGE|CONTINUE or ZERO|CONTINUE records -----------------------------------
+    def _run(self, r: QEMUFileReader, out: RecordConsumer, flags: int, stride: int) -> None:
+        """The run of records with ``flags`` at the front of the buffer, in one call: its
+        headers checked with strided views (:meth:`_run_length`)."""
         buf = r.fill(stride)
-        n = len(buf) // stride
-        if n == 0:
-            raise StreamError(r.tell(), f"truncated stream: RAM record of {stride} bytes cut short")
-        hdrs = np.ndarray((n,), ">u8", buf, 0, (stride,))
-        bad = (hdrs & np.uint64(FLAG_MASK)) != np.uint64(flags)
-        if bad.any():
-            n = int(np.argmax(bad))
-            hdrs = hdrs[:n]
-        pages = (hdrs >> np.uint64(TARGET_PAGE_BITS)).astype(np.int64)
-        limit = self._block.used_length >> TARGET_PAGE_BITS
-        over = pages >= limit
+        avail = len(buf) // stride
+        if avail == 0:
+            raise StreamError(
+                r.tell(),
+                f"truncated stream: RAM record of {stride} bytes cut short ({len(buf)} left)",
+            )
+        at = r.tell()
+        block = self._block
+        bits = self.page_bits
+        n = self._run_length(buf, stride, flags, avail) if avail > 1 else 1
+        pages = np.ndarray((n,), ">u8", buf, 0, (stride,)).astype(np.uint64)
+        pages >>= np.uint64(bits)  # in place: one array per run, below 2**54 now
+        pages = pages.view(np.int64)
+        over = pages >= block.used_length >> bits
         if over.any():
             i = int(np.argmax(over))
-            check_offset(r.tell() + i * stride, self._block, int(pages[i]) << TARGET_PAGE_BITS)
-        return buf, pages, n
+            check_offset(at + i * stride, block, int(pages[i]) << bits)
+        if flags == _PAGE_C:
+            data = np.ndarray((n, self.page_size), np.uint8, buf, 8, (stride, 1))
+            out.pages(block, pages, data, at)
+        else:
+            fills = np.ndarray((n,), np.uint8, buf, 8, (ZERO_RECORD,))
+            if fills.any():
+                i = int(np.argmax(fills != 0))
+                raise StreamError(
+                    at + i * ZERO_RECORD + 8,
+                    f"ZERO record with fill byte 0x{int(fills[i]):02x} (must be 0)",
+                )
+            out.zeros(block, pages, at)
+        r.consume(n * stride)
 
-    def _page_run(self, r: QEMUFileReader, out: RecordConsumer) -> None:
+    def _one(
+        self, r: QEMUFileReader, out: RecordConsumer, buf: memoryview, hdr: int, stride: int
+    ) -> None:
+        """A PAGE|CONTINUE or ZERO|CONTINUE record that is a run of its own, already in the
+        buffer: plain integer checks, every numpy call saved that can be (QEMU streams of
+        memory where zero and data pages alternate are made of these)."""
+        block = self._block
         at = r.tell()
-        buf, pages, n = self._run(r, PAGE_RECORD, _PAGE_C)
-        data = np.ndarray((n, TARGET_PAGE_SIZE), np.uint8, buf, 8, (PAGE_RECORD, 1))
-        out.pages(self._block, pages, data, at)
-        r.consume(n * PAGE_RECORD)
+        addr = hdr & ~self._mask
+        if addr >= block.used_length:
+            check_offset(at, block, addr)
+        pages = np.array([addr >> self.page_bits], np.int64)
+        if stride != ZERO_RECORD:
+            out.pages(block, pages, np.ndarray((1, self.page_size), np.uint8, buf, 8), at)
+        elif buf[8]:
+            raise StreamError(at + 8, f"ZERO record with fill byte 0x{buf[8]:02x} (must be 0)")
+        else:
+            out.zeros(block, pages, at)
+        r.consume(stride)
 
-    def _zero_run(self, r: QEMUFileReader, out: RecordConsumer) -> None:
-        at = r.tell()
-        buf, pages, n = self._run(r, ZERO_RECORD, _ZERO_C)
-        fills = np.ndarray((n,), np.uint8, buf, 8, (ZERO_RECORD,))
-        if fills.any():
-            i = int(np.argmax(fills != 0))
-            raise StreamError(
-                r.tell() + i * ZERO_RECORD + 8,
-                f"ZERO record with fill byte 0x{int(fills[i]):02x} (must be 0)",
-            )
-        out.zeros(self._block, pages, at)
-        r.consume(n * ZERO_RECORD)
+    def _run_length(self, buf: memoryview, stride: int, flags: int, avail: int) -> int:
+        """How many of the ``avail`` buffered records carry ``flags`` (the first one does).
+
+        Single headers at 64, 512, 4096... records out are read first, until one does not
+        carry the flags or the buffer ends; then one numpy pass over the headers up to
+        there finds where the run ends. A long run (the common case of a livemig stream)
+        costs one pass over the buffer, and a short one a pass over a few dozen headers,
+        not over a buffer that may hold half a million ZERO records.
+        """
+        mask = self._mask
+        k = 64
+        while k < avail and int.from_bytes(buf[k * stride : k * stride + 8], "big") & mask == flags:
+            k *= 8
+        k = min(k, avail)
+        low = np.ndarray((k,), self._low_dtype, buf, 8 - self._low_dtype.itemsize, (stride,))
+        bad = (low & self._low_dtype.type(mask)) != flags
+        return int(np.argmax(bad)) if bad.any() else k
 
 
 def check_offset(at: int, block: Any, addr: int) -> None:

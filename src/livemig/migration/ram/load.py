@@ -27,7 +27,7 @@ import numpy as np
 
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.ram_block import RAMBlock
-from livemig.migration.ram.codec import RecordDecoder, expect_eos, read_block_list
+from livemig.migration.ram.codec import BlockEntry, RecordDecoder, expect_eos, read_block_list
 from livemig.migration.ram.prefault import Prefaulter
 from livemig.migration.ram.state import TARGET_PAGE_BITS
 from livemig.migration.stream.qemu_file import QEMUFileReader, StreamError
@@ -57,6 +57,12 @@ class RamLoader:
         # is in); None without multifd
         self.on_section: Callable[[], None] | None = None
         self.on_flush: Callable[[int], None] | None = None
+        # what a capability adds to each entry of the block list (mapped-ram: the block's
+        # place in the file, whose pages it loads there); None: nothing
+        self.block_extra: Callable[[QEMUFileReader, BlockEntry], None] | None = None
+        # blocks whose memory is not migrated (cpr-transfer hands it over): a record for
+        # one of them is an error, as in QEMU
+        self.ignored: frozenset[str] = frozenset()
         self.pages_loaded = 0
         self.zero_records = 0
         self.zero_pages_written = 0
@@ -65,21 +71,19 @@ class RamLoader:
     # -- set-up ----------------------------------------------------------------------------
     def load_setup(self, r: QEMUFileReader) -> None:
         """MEM_SIZE block list: every block must exist here with the same length."""
-        total, entries, end_at = read_block_list(r)
-        seen: set[str] = set()
-        for at, name, length in entries:
-            block = self.blocks.get(name)
+        total, entries, end_at = read_block_list(r, after_entry=self.block_extra)  # names are distinct
+        for e in entries:
+            block = self.blocks.get(e.name)
             if block is None:
-                raise StreamError(at, f"Unknown ramblock \"{name}\", cannot accept migration")
-            if name in seen:
-                raise StreamError(at, f"RAM block \"{name}\" listed twice")
-            if length != block.used_length:
                 raise StreamError(
-                    at, f"Length mismatch: {name}: 0x{length:x} in != 0x{block.used_length:x}"
+                    e.at, f"Unknown ramblock \"{e.name}\", cannot accept migration"
                 )
-            seen.add(name)
+            if e.length != block.used_length:
+                raise StreamError(
+                    e.at, f"Length mismatch: {e.name}: 0x{e.length:x} in != 0x{block.used_length:x}"
+                )
         ours = sum(b.used_length for b in self.blocks.values())
-        if sum(e[2] for e in entries) != total or total != ours:
+        if sum(e.length for e in entries) != total or total != ours:
             raise StreamError(end_at, f"RAM size mismatch: stream has 0x{total:x} bytes, this VM 0x{ours:x}")
         expect_eos(r)
         self.decoder.start_section()
@@ -95,8 +99,13 @@ class RamLoader:
         self.decoder.read_section(r, self)
 
     # -- RecordConsumer --------------------------------------------------------------------
+    def _check_migrated(self, name: str, at: int) -> None:
+        if name in self.ignored:
+            raise StreamError(at, f"block {name} should not be migrated !")
+
     def pages(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray, at: int) -> None:
         name = block.idstr
+        self._check_migrated(name, at)
         if self.prefault is not None:  # let other cores populate what comes next
             self.prefault.data_arrived(
                 name, int(pages[0]) << TARGET_PAGE_BITS, (int(pages[-1]) + 1) << TARGET_PAGE_BITS
@@ -114,6 +123,7 @@ class RamLoader:
     def zeros(self, block: RAMBlock, pages: np.ndarray, at: int) -> None:
         """Make pages zero without populating memory that is zero already."""
         name = block.idstr
+        self._check_migrated(name, at)
         with self.lock:
             self.zero_records += len(pages)
             self.received[name].set_indices(pages)

@@ -78,6 +78,10 @@ class RPMessage(IntEnum):
     """livemig's extension: the reason of a failed load (UTF-8), sent just before SHUT 1,
     and only to a livemig source (its machine type starts with ``livemig-``), so that the
     source can say *why* the destination refused the stream."""
+    X_CPR_GUEST_RUNNING = 0x4C01
+    """livemig's extension for cpr-transfer: the new process is about to run the guest
+    (empty payload), sent after SHUT 0 when it does. An old process that sees the main
+    channel end without it resumes the guest (docs/local-update.md)."""
 
 
 MIGRATION_RESUME_ACK_VALUE = 1

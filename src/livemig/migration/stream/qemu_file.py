@@ -401,6 +401,17 @@ class QEMUFileReader:
             self._end += n
         return mv[self._start : self._end]
 
+    def seek(self, offset: int) -> None:
+        """Go on reading at stream offset ``offset`` of a file read from its start; what
+        is buffered is dropped (a mapped-ram stream skips each block's page region)."""
+        seekable = getattr(self.transport, "seekable", None)
+        if seekable is None or not seekable():
+            raise StreamError(self.tell(), "the stream cannot seek here (not a file)")
+        self.transport.seek(offset)
+        self._base = offset
+        self._start = self._end = 0
+        self._eof = False
+
     def at_eof(self) -> bool:
         """True if no byte is left (reads from the transport to find out)."""
         return not len(self.fill(1))

@@ -39,6 +39,7 @@ class ReturnPathReader:
         self.result: int | None = None  # SHUT's value
         self.reason: str | None = None  # why the destination failed (X_FAILURE), if it said
         self.error: str | None = None
+        self.reader: QEMUFileReader | None = None  # what read the path (with what it buffered)
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migration-rp", daemon=True)
 
@@ -60,7 +61,7 @@ class ReturnPathReader:
         return self.result not in (None, 0)
 
     def _run(self) -> None:
-        r = QEMUFileReader(self.sock, 64 << 10)
+        r = self.reader = QEMUFileReader(self.sock, 64 << 10)
         try:
             for kind, payload in rp.read_messages(r):
                 if kind == RPMessage.SHUT:
