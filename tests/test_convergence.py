@@ -229,3 +229,64 @@ def test_throttle_parameters_defaults_and_capability_conflict() -> None:
             ctl.migrate_set_capabilities([{"capability": "background-snapshot", "state": True}])
     finally:
         m.close()
+
+
+# -- QEMU's arithmetic, without a guest -----------------------------------------------------------
+class FakeVM:
+    vcpu_count = 2
+
+    def __init__(self) -> None:
+        self.shares: list = []
+
+    def throttle_vcpus(self, shares: object) -> None:
+        self.shares.append(shares)
+
+    def vcpu_dirty_pages(self) -> list[int] | None:
+        return None
+
+
+def test_dirty_limit_adjusts_as_qemus_dirtylimit() -> None:
+    from livemig.migration.throttle import DirtyLimit
+
+    dl = DirtyLimit(1, quota=1, period_ms=1000, counts=None)
+    # far from the quota: linear, sleep_pct = (64 - 1) * 100 // 64 = 98 of a 16 MiB ring
+    # filled in 250000 us at 64 MiB/s
+    dl._adjust(0, 1, 64)
+    assert dl.ring_full_time(64) == 250_000
+    assert dl.throttle_us == [int(250_000 * 98 / 2)]
+    assert dl.shares() == [pytest.approx(12_250_000 / (12_250_000 + 250_000))]
+    # within 25 MB/s of the quota: left alone
+    dl._adjust(0, 1, 20)
+    assert dl.throttle_us == [12_250_000]
+    # close (50% off, not over): a tenth of the ring-full time up or down
+    dl._adjust(0, 30, 60)
+    assert dl.throttle_us == [12_250_000 + 25_000]
+    dl._adjust(0, 90, 60)
+    assert dl.throttle_us == [12_250_000]
+    # never above 99 ring-full times, never below 0; nothing dirtied: no sleep
+    dl._adjust(0, 1, 64)
+    dl._adjust(0, 1, 64)
+    assert dl.throttle_us == [250_000 * 99]
+    dl._adjust(0, 60, 0)
+    assert dl.throttle_us == [0]
+
+
+def test_auto_converge_steps_as_qemus_mig_throttle_guest_down() -> None:
+    from livemig.migration.core.params import Capabilities, Parameters
+    from livemig.migration.throttle import MigrationThrottle
+
+    caps, params, vm = Capabilities(), Parameters(), FakeVM()
+    caps.set([{"capability": "auto-converge", "state": True}])
+    t = MigrationThrottle(vm, caps, params)  # type: ignore[arg-type]
+    t._throttle_down(100, 50)
+    assert t.percentage == 20 and vm.shares[-1] == 0.2  # cpu-throttle-initial
+    t._throttle_down(100, 50)
+    assert t.percentage == 30  # + cpu-throttle-increment
+    params.set({"cpu-throttle-tailslow": True})
+    t._throttle_down(100, 90)  # ideal: 70 * 0.9 = 63 of the CPU, so +7 (not +10)
+    assert t.percentage == 37
+    params.set({"max-cpu-throttle": 40})
+    t._throttle_down(100, 10)
+    assert t.percentage == 40  # capped
+    t.stop()
+    assert t.percentage == 0 and vm.shares[-1] == 0.0
