@@ -19,7 +19,7 @@ from livemig.control.qmp_server import QMPError, QMPServer
 from livemig.devices.virtio_mem import VirtioMemError
 from livemig.machine import Machine
 from livemig.memory.discard_manager import Section
-from livemig.migration.channels import URIError, parse_uri
+from livemig.migration.channels import URIError, check_stream_path, parse_uri
 from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, MigrationConfigError, Parameters
 from livemig.migration.cpr.channels import parse_channels
@@ -243,6 +243,11 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
             try:
                 target = parse_uri(uri)
                 tls = TLSServer.from_params(self.params, target)
+                if target.scheme == "file":  # a FIFO, /proc...: refused now, re-armable
+                    try:
+                        check_stream_path(target.path, must_exist=True)
+                    except OSError as e:
+                        raise URIError(f"file:{e.filename}: {e.strerror}") from e
                 self.incoming = incoming_migration(
                     self.machine, target, self.caps, self.emit, autostart=self.autostart, tls=tls,
                     params=self.params, cpr=self.cpr,
