@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from livemig.migration.channels import Listener, MigrationURI
 from livemig.migration.core import status
+from livemig.migration.core.job import SILENT_PEER, describe
 from livemig.migration.postcopy.handler_control import HandlerControl
 from livemig.migration.postcopy.received import ReceivedMap
 from livemig.migration.ram.state import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
@@ -117,7 +118,7 @@ class DestinationRecovery:
             self.inc.send_rp(b"".join(msgs))
             self.forwarded += len(msgs)
         except (OSError, StreamError) as e:
-            self.channel_lost(f"return path: {e.strerror if isinstance(e, OSError) else e}")
+            self.channel_lost(f"return path: {describe(e)}")
 
     def wait_channel_end(self) -> BaseException | None:
         """After EOF on the main stream: wait for the postcopy channel's EOS (None), or
@@ -133,6 +134,10 @@ class DestinationRecovery:
     def pause(self, why: str) -> None:
         """Close this connection's sockets and wait in ``postcopy-paused``."""
         inc = self.inc
+        # a lost channel saw the cause first — unless this failure is the cause: a silent
+        # link's ETIMEDOUT is reported once, to whichever call comes first
+        if self.lost_why is not None and SILENT_PEER not in why:
+            why = self.lost_why
         log.info("postcopy paused: %s", why)
         if not inc.job.move(status.POSTCOPY_PAUSED, PAUSABLE):
             inc.job.check_cancel()

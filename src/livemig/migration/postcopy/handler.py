@@ -45,6 +45,7 @@ import struct
 import sys
 import time
 
+from livemig.migration.core.job import describe
 from livemig.migration.postcopy import placer as uffd
 from livemig.migration.stream import return_path as rp
 from livemig.migration.stream.format import RamFlag
@@ -245,7 +246,7 @@ class Handler:
         try:
             self.chan.sendall(data)
         except OSError as e:
-            self._lost(f"postcopy channel: {e.strerror or e}")
+            self._lost(f"postcopy channel: {describe(e)}")
 
     def check_pending(self) -> None:
         """Pages requested but placed by the loader (from the main stream)."""
@@ -309,7 +310,7 @@ class Handler:
         except BlockingIOError:
             return
         except OSError as e:
-            self._lost(f"postcopy channel: {e.strerror or e}")
+            self._lost(f"postcopy channel: {describe(e)}")
             return
         if n == 0:
             if not self.chan_eos:

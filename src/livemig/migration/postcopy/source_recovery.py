@@ -33,6 +33,7 @@ import numpy as np
 
 from livemig.migration.channels import MigrationURI
 from livemig.migration.core import status
+from livemig.migration.core.job import SILENT_PEER
 from livemig.migration.postcopy.urgent import UrgentPages
 from livemig.migration.stream import return_path as rp
 from livemig.migration.stream import savevm
@@ -121,7 +122,11 @@ class SourceRecovery:
     def pause(self, why: str) -> None:
         """The migration thread: close this generation and wait in ``postcopy-paused``."""
         out = self.out
-        why = self.lost_why or why  # the first channel to fail saw the cause
+        # the first channel to fail saw the cause — unless this failure is the cause: a
+        # silent link's ETIMEDOUT is reported once, to whichever call on the socket comes
+        # first, and the others see an end of stream
+        if self.lost_why is not None and SILENT_PEER not in why:
+            why = self.lost_why
         log.info("postcopy paused: %s", why)
         self.paused = True
         out.job.note_error(why)
