@@ -1,6 +1,6 @@
 """Background snapshots (``background-snapshot``) with real userfaultfd write protection.
 
-The snapshot writer is a separate process, spawned (``python -m ...writer``), not forked. Protected memory is written by the soft
+The snapshot writer is a separate process, forked from the helper launcher, not from the VM process. Protected memory is written by the soft
 guest's vCPUs, by plain Python threads through ``accel.write``, by a thread storing with
 numpy while it holds the GIL (the case in which a fault handler that needed this
 interpreter would deadlock), and by a KVM guest inside ``KVM_RUN``.
@@ -279,12 +279,14 @@ def writer_descriptors(pid: int) -> list[str]:
     return out
 
 
-def test_the_writer_is_a_fresh_process_not_a_fork_of_the_vm(tmp_path: Path) -> None:
+def test_the_writer_is_forked_from_the_launcher_not_from_the_vm(tmp_path: Path) -> None:
     """issue 17: a fork of the multi-threaded VM process keeps every lock another thread
-    held at that moment, and every descriptor of the VM process. The writer is an exec'd
-    interpreter: its command line is its own, and it holds only what the set-up gave it —
-    not the other VM's memory in this process, not this process's sockets — and no
-    mapping of guest RAM."""
+    held at that moment, and every descriptor of the VM process. The writer is a fork of
+    the helper launcher (a fresh interpreter with one thread): its parent is the launcher,
+    and it holds only what the set-up gave it — not the other VM's memory in this
+    process, not this process's sockets — and no mapping of guest RAM."""
+    from livemig.migration.core.helpers import launcher
+
     src, other = machine(False), machine(True, dirty_rate=0)
     try:
         cs = VMController(src)
@@ -294,16 +296,22 @@ def test_the_writer_is_a_fresh_process_not_a_fork_of_the_vm(tmp_path: Path) -> N
         cs.migrate(f"file:{tmp_path / 'fresh.stream'}")
         assert snap(cs).protected.wait(30)
         pid = snap(cs).writer_pid
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        assert b"livemig.migration.snapshot.writer" in argv, argv
+        assert pid != os.getpid() and threading.active_count() > 1  # this process has threads
+        with open(f"/proc/{pid}/comm") as f:
+            assert f.read().strip() == "snapshot-writer"
         with open(f"/proc/{pid}/status") as f:
-            assert f"PPid:\t{os.getpid()}" in f.read().splitlines()
+            assert f"PPid:\t{launcher().pid}" in f.read().splitlines()
+        with open(f"/proc/{launcher().pid}/cmdline", "rb") as f:
+            assert b"livemig.migration.core.helpers" in f.read().split(b"\0")
+        with open(f"/proc/{launcher().pid}/status") as f:
+            assert "Threads:\t1" in f.read().splitlines()
         fds = writer_descriptors(pid)
         memfds = sorted(t for t in fds if t.startswith("/memfd:livemig:"))
         # the source's fd-backed blocks (for SEEK_DATA), never the other VM's
         assert memfds == sorted(f"/memfd:livemig:{b.idstr} (deleted)" for b in src.blocks), fds
         assert sum(t == "anon_inode:[userfaultfd]" for t in fds) == 1, fds
+        assert sum(t.startswith("socket:") for t in fds) == 1, fds  # its control socket only
+        assert str(tmp_path / "fresh.stream") in fds  # the stream
         assert len(fds) <= 12, fds  # std streams, control, stream, uffd, memfds, a wake pipe
         with open(f"/proc/{pid}/maps") as f:
             maps = f.read()
