@@ -24,7 +24,7 @@ from livemig.migration.core.params import Capabilities, MigrationConfigError, Pa
 from livemig.migration.cpr.channels import parse_channels
 from livemig.migration.cpr.incoming import CprReceiver
 from livemig.migration.incoming import IncomingMigration
-from livemig.migration.modes import incoming_migration, outgoing_migration
+from livemig.migration.modes import incoming_migration, outgoing_migration, prestart_helpers
 from livemig.migration.outgoing import OutgoingMigration
 from livemig.migration.snapshot.tracking import write_tracking_problem
 from livemig.migration.transport.tls import TLSClient, TLSServer
@@ -60,6 +60,7 @@ class VMController(PostcopyCommands, MachineCommands):
         self.attach_machine_events()
         if qmp is not None:
             self._register(qmp)
+        prestart_helpers()  # the helper launcher's interpreter starts now, not in a migration
 
     # -- events ---------------------------------------------------------------------------------
     def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
