@@ -362,14 +362,11 @@ class LauncherServer:
             return
         if not fds:
             return  # no status socket: nobody to answer
-        status = socket.socket(fileno=fds[0])
-        try:
-            self.spawn(status, str(m["entry"]), str(m.get("name", "livemig-helper")), fds[1:])
-        finally:
-            for fd in fds[1:]:
-                os.close(fd)
+        self.spawn(socket.socket(fileno=fds[0]), str(m["entry"]), str(m.get("name", "helper")), fds[1:])
 
     def spawn(self, status: socket.socket, entry: str, name: str, fds: list[int]) -> None:
+        """Fork a helper; its descriptors are closed here before the VM process hears of
+        it, so the launcher never holds them longer than the fork."""
         try:
             main = self.resolve(entry)
             threads = len(os.listdir("/proc/self/task"))
@@ -386,6 +383,9 @@ class LauncherServer:
                 pass
             status.close()
             return
+        finally:
+            for fd in fds:
+                os.close(fd)
         try:
             send_msg(status, {"pid": pid}, [pidfd])
         except OSError:  # the VM process gave up waiting: nobody wants this helper
