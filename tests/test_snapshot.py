@@ -323,6 +323,67 @@ def test_the_writer_is_forked_from_the_launcher_not_from_the_vm(tmp_path: Path) 
         other.close()
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (whichever of its threads started them)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_the_writer_dies_with_its_vm_process(tmp_path: Path) -> None:
+    """A ``livemig vm`` process killed mid-snapshot: its writer (a child of the helper
+    launcher, not of the VM process) goes too, and so does the launcher — a writer left
+    behind would keep the VM's userfaultfd and a file open for nobody."""
+    from livemig.control.qmp_client import QMPClient
+
+    sock = tmp_path / "vm.qmp"
+    vm = subprocess.Popen([sys.executable, "-m", "livemig", "vm", "--qmp", f"unix:{sock}", "--accel", "soft",
+                           "--memory", "32M", "--vcpus", "1", "--dirty-rate", "0",
+                           "--virtio-mem", "id=vm0,size=1G,requested-size=64M"], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(sock.exists, 20, "QMP socket")
+        with QMPClient(f"unix:{sock}") as q:
+            wait_for(lambda: q.execute("query-memory-devices")[0]["data"]["size"] == 64 * MiB, 30, "plug")
+            q.execute("migrate-set-capabilities", capabilities=[{"capability": "background-snapshot", "state": True}])
+            q.execute("migrate-set-parameters", **{"max-bandwidth": 1 * MiB})  # a minute at least
+            q.execute("migrate", uri=f"file:{tmp_path / 'killed.stream'}")
+            launchers: list[int] = []  # named once its interpreter runs
+            wait_for(lambda: launchers.extend(c for c in children(vm.pid) if comm(c) == "livemig-helpers")
+                     or launchers, 30, "the helper launcher")  # fmt: skip
+            writers: list[int] = []
+            wait_for(lambda: writers.extend(c for c in children(launchers[0]) if comm(c) == "snapshot-writer")
+                     or writers, 30, "the writer")  # fmt: skip
+            assert "snapshot-writer" not in [comm(c) for c in children(vm.pid)]
+            vm.kill()
+            vm.wait()
+        wait_for(lambda: dead(writers[0]), 10, "the writer to die with the VM process")
+        wait_for(lambda: dead(launchers[0]), 10, "the launcher to die with the VM process")
+    finally:
+        vm.kill()
+        vm.wait()
+
+
 def test_max_bandwidth_changed_during_the_snapshot_reaches_the_writer(tmp_path: Path) -> None:
     """The writer is another process: a new max-bandwidth reaches it through the shared
     statistics page (a copy of the parameters taken at its start would not change)."""
