@@ -41,9 +41,9 @@ import numpy  # noqa: E402, F401 - a VM process has it loaded
 
 from livemig.cli import parse_size  # noqa: E402
 from livemig.migration.core.helpers import HelperLauncher  # noqa: E402
-from livemig.migration.modes import HELPERS  # noqa: E402
+from livemig.migration.helper_modules import HELPER_MODULES  # noqa: E402
 
-MODULES = [f.__module__ for f in HELPERS]
+MODULES = list(HELPER_MODULES)
 SRC = str(Path(sys.modules["livemig"].__file__ or "").resolve().parents[1])
 
 

@@ -25,10 +25,11 @@ import pytest
 
 from livemig.migration.core import helpers
 from livemig.migration.core.helpers import HelperError, HelperLauncher
+from livemig.migration.helper_modules import HELPER_MODULES
 
 HERE = Path(__file__).resolve().parent
-REAL_HELPERS = ["numpy", "livemig.migration.postcopy.handler", "livemig.migration.snapshot.writer",
-                "livemig.migration.mapped_ram.fault_handler"]  # fmt: skip
+SRC = HERE.parent / "src"
+REAL_HELPERS = ["numpy", *HELPER_MODULES]
 
 
 @pytest.fixture
@@ -125,6 +126,11 @@ def test_a_launcher_that_has_a_thread_refuses_to_fork(probe_path: None) -> None:
     refuse every fork rather than fork anyway."""
     lau = HelperLauncher(["helper_probe_thread"])
     try:
+        lau.start()
+        deadline = time.monotonic() + 30
+        while status_field(lau.pid, "Threads") != "2":  # the module is loaded
+            assert time.monotonic() < deadline, "the probe's thread did not start"
+            time.sleep(0.01)
         with pytest.raises(HelperError, match="2 threads; it forks single-threaded only"):
             lau.spawn(helper_probe.sleep_forever, [], "never")
     finally:
@@ -270,6 +276,17 @@ def test_a_vm_controller_starts_this_process_launcher() -> None:
         VMController(m)
         lau = helpers.launcher()
         assert lau is helpers.launcher() and lau.proc is not None and lau.proc.poll() is None
-        assert set(REAL_HELPERS[1:]) <= set(lau.preload)
+        assert set(HELPER_MODULES) <= set(lau.preload)
     finally:
         m.close()
+
+
+def test_the_preload_list_names_every_helper() -> None:
+    """The launcher preloads helpers by module name (a VM process starts it before it
+    imports them): the list is exactly the modules that define a helper's entry."""
+    entries = {
+        ".".join(p.relative_to(SRC).with_suffix("").parts)
+        for p in SRC.rglob("*.py")
+        if "\ndef helper_main(fds: list[int]) -> int:" in p.read_text()
+    }
+    assert entries == set(HELPER_MODULES)

@@ -128,6 +128,9 @@ def build_machine(args: argparse.Namespace, ram_fds: dict[str, int] | None = Non
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
+    from livemig.migration.helper_modules import prestart_helpers
+
+    prestart_helpers()  # first: its interpreter starts while this process imports the rest
     from livemig.control.qmp_server import QMPServer
     from livemig.control.vm_controller import VMController
 

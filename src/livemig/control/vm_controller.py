@@ -23,8 +23,9 @@ from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, MigrationConfigError, Parameters
 from livemig.migration.cpr.channels import parse_channels
 from livemig.migration.cpr.incoming import CprReceiver
+from livemig.migration.helper_modules import prestart_helpers
 from livemig.migration.incoming import IncomingMigration
-from livemig.migration.modes import incoming_migration, outgoing_migration, prestart_helpers
+from livemig.migration.modes import incoming_migration, outgoing_migration
 from livemig.migration.outgoing import OutgoingMigration
 from livemig.migration.snapshot.tracking import write_tracking_problem
 from livemig.migration.transport.tls import TLSClient, TLSServer

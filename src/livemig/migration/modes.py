@@ -9,14 +9,13 @@ migration's capabilities ask for.
 from __future__ import annotations
 
 from livemig.migration.channels import Listener, MigrationURI
-from livemig.migration.core import helpers, status
+from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, Parameters
 from livemig.migration.core.vm import MigratableVM
 from livemig.migration.cpr.channels import CprError
 from livemig.migration.cpr.incoming import CprReceiver, cpr_incoming
 from livemig.migration.cpr.source import cpr_outgoing
 from livemig.migration.incoming import IncomingMigration
-from livemig.migration.mapped_ram import fault_handler
 from livemig.migration.mapped_ram.layout import MappedRamConfigError
 from livemig.migration.mapped_ram.load import MappedRamLoader
 from livemig.migration.mapped_ram.restore import InstantRestore
@@ -24,21 +23,10 @@ from livemig.migration.mapped_ram.save import MappedRamSaver, check_target
 from livemig.migration.multifd.receiver import MultifdReceiver
 from livemig.migration.multifd.sender import MultifdSender
 from livemig.migration.outgoing import OutgoingMigration
-from livemig.migration.postcopy import handler
 from livemig.migration.postcopy.destination import PostcopyIncoming
 from livemig.migration.postcopy.source import PostcopySource
-from livemig.migration.snapshot import writer
 from livemig.migration.snapshot.snapshot import BackgroundSnapshot
 from livemig.migration.transport.tls import TLSServer
-
-HELPERS = (handler.helper_main, writer.helper_main, fault_handler.helper_main)
-"""Every helper process's entry (:mod:`livemig.migration.core.helpers`)."""
-
-
-def prestart_helpers() -> None:
-    """Start this process's helper launcher with every helper's modules loaded, so that no
-    migration waits for an interpreter to start (call it when a VM is made)."""
-    helpers.prestart(f.__module__ for f in HELPERS)
 
 
 def outgoing_migration(

@@ -23,8 +23,9 @@ guest within 100 ms of ``migrate-incoming``.
 **The launcher: a fork server.** Once per VM process, early (when the VM's controller is
 made, :func:`prestart`; or at the first helper, :func:`launcher`), ``python -m
 livemig.migration.core.helpers`` is started with ``Popen`` — a fresh interpreter, off
-any migration's critical path. It imports the helpers' modules (``preload``), then
-waits for requests on a ``SOCK_SEQPACKET`` socket. Each request names a helper's entry
+any migration's critical path. It imports the helpers' modules (``preload``, one at a
+time, in the order given — the helper whose start is most urgent first — and serving
+any request that arrives between two), and waits for requests on a ``SOCK_SEQPACKET`` socket. Each request names a helper's entry
 (``module:function``, called with the list of descriptors it was given) and carries its
 descriptors (``SCM_RIGHTS``); the launcher forks, and the child runs the entry. The
 launcher never starts a thread, and it checks before every fork that it has exactly one
@@ -328,19 +329,26 @@ class LauncherServer:
         self.poller = select.poll()
         self.poller.register(sock_fd, select.POLLIN)
         self.poller.register(owner_fd, select.POLLIN)
+        self.to_load: list[str] = []  # modules to preload, first first
 
-    def preload(self, modules: Iterable[str]) -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the spawn that needs it reports it
-                traceback.print_exc()
+    def load_next(self) -> None:
+        """Import one module of the preload list (a request never waits for the whole
+        list, only for the module being imported)."""
+        name = self.to_load.pop(0)
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the spawn that needs it reports it
+            traceback.print_exc()
         gc.freeze()  # what is loaded now stays out of the children's collections: fewer copied pages
 
     def serve(self) -> None:
-        """Until the VM process ends or closes its end; then the helpers go too."""
+        """Until the VM process ends or closes its end; then the helpers go too. Modules
+        are preloaded while no request waits."""
         while True:
-            for fd, _ev in self.poller.poll():
+            events = self.poller.poll(0 if self.to_load else None)
+            if not events and self.to_load:
+                self.load_next()
+            for fd, _ev in events:
                 if fd == self.owner_fd:
                     return self.stop()  # the VM process has ended
                 if fd == self.sock.fileno():
@@ -356,7 +364,7 @@ class LauncherServer:
 
     def request(self, m: dict[str, Any], fds: list[int]) -> None:
         if m.get("op") == "preload":
-            self.preload(m.get("modules", []))
+            self.to_load += [str(n) for n in m.get("modules", [])]
             for fd in fds:
                 os.close(fd)
             return
@@ -460,7 +468,7 @@ def server_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the VM's terminal is the VM's
     set_comm(LAUNCHER_NAME)
     server = LauncherServer(int(argv[0]), int(argv[1]))
-    server.preload(argv[2:])
+    server.to_load = argv[2:]
     server.serve()
     return 0
 
