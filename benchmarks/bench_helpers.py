@@ -11,8 +11,10 @@ byte on its control socket), three ways, from a process that looks like a VM pro
 * ``fork``: ``os.fork()`` of this multi-threaded process (how the instant-restore
   handler started before; the hazard issue 17 removes, measured here only).
 
-Also the launcher's own start (``Popen`` until it answers a first spawn, the modules
-preloaded). The machine is shared and noisy: compare within one run.
+Also the launcher's own start (``Popen`` until a first helper runs, the urgent helpers'
+modules preloaded), and the first snapshot writer's spawn, for which the launcher imports
+the writer's modules (numpy) on demand, against the next one. The machine is shared and
+noisy: compare within one run.
 
 Usage: python benchmarks/bench_helpers.py [--runs 30] [--vm-ram 1G]
 """
@@ -41,9 +43,9 @@ import numpy  # noqa: E402, F401 - a VM process has it loaded
 
 from livemig.cli import parse_size  # noqa: E402
 from livemig.migration.core.helpers import HelperLauncher  # noqa: E402
-from livemig.migration.helper_modules import HELPER_MODULES  # noqa: E402
+from livemig.migration.helper_modules import ON_DEMAND, PRELOADED  # noqa: E402
 
-MODULES = list(HELPER_MODULES)
+MODULES = [*PRELOADED, *ON_DEMAND]
 SRC = str(Path(sys.modules["livemig"].__file__ or "").resolve().parents[1])
 
 
@@ -95,6 +97,21 @@ def via_fork(fd: int) -> Callable[[], None]:
     return lambda: os.waitpid(pid, 0) and None
 
 
+def spawn_writer(lau: HelperLauncher) -> float:
+    """Milliseconds for the launcher to fork a real snapshot writer (which exits at once:
+    its control socket ends before any set-up)."""
+    from livemig.migration.snapshot import writer
+
+    here, there = pair()
+    t0 = time.perf_counter()
+    h = lau.spawn(writer.helper_main, [there.fileno()], "bench-writer")
+    ms = (time.perf_counter() - t0) * 1000
+    there.close()
+    here.close()
+    h.close(10)
+    return ms
+
+
 def summary(ms: list[float]) -> dict[str, float]:
     q = statistics.quantiles(ms, n=10)
     return {"median_ms": round(statistics.median(ms), 2), "p10_ms": round(q[0], 2),
@@ -121,9 +138,11 @@ def main() -> None:
         threading.Thread(target=stop.wait, daemon=True).start()
     out: dict[str, object] = {"threads_here": threading.active_count(), "vm_ram": args.vm_ram}
     t0 = time.perf_counter()
-    lau = HelperLauncher(MODULES)
+    lau = HelperLauncher(PRELOADED)
     try:
         out["launcher_start_ms"] = round(timed(via_launcher(lau)), 1)  # its start, then a first spawn
+        out["writer_first_spawn_ms"] = round(spawn_writer(lau), 1)  # its modules imported first
+        out["writer_next_spawn_ms"] = round(spawn_writer(lau), 1)
         ways: dict[str, Callable[[int], Callable[[], None]]] = {"launcher": via_launcher(lau), "fork": via_fork}
         for m in MODULES:
             ways["popen-" + ".".join(m.split(".")[-2:])] = via_popen(m)

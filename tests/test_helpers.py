@@ -25,11 +25,11 @@ import pytest
 
 from livemig.migration.core import helpers
 from livemig.migration.core.helpers import HelperError, HelperLauncher
-from livemig.migration.helper_modules import HELPER_MODULES
+from livemig.migration.helper_modules import ON_DEMAND, PRELOADED
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
-REAL_HELPERS = ["numpy", *HELPER_MODULES]
+REAL_HELPERS = [*PRELOADED, *ON_DEMAND]  # everything, numpy too
 
 
 @pytest.fixture
@@ -267,7 +267,7 @@ def test_the_launcher_and_its_helpers_die_with_the_vm_process(probe_path: None) 
 
 def test_a_vm_controller_starts_this_process_launcher() -> None:
     """The launcher starts with the VM's controller (off any migration's critical path),
-    once per process, with every real helper's module loaded."""
+    once per process, with the urgent helpers' modules loaded."""
     from livemig.control.vm_controller import VMController
     from livemig.machine import Machine, MachineConfig
 
@@ -276,17 +276,17 @@ def test_a_vm_controller_starts_this_process_launcher() -> None:
         VMController(m)
         lau = helpers.launcher()
         assert lau is helpers.launcher() and lau.proc is not None and lau.proc.poll() is None
-        assert set(HELPER_MODULES) <= set(lau.preload)
+        assert set(PRELOADED) <= set(lau.preload)
     finally:
         m.close()
 
 
 def test_the_preload_list_names_every_helper() -> None:
     """The launcher preloads helpers by module name (a VM process starts it before it
-    imports them): the list is exactly the modules that define a helper's entry."""
+    imports them): the lists name exactly the modules that define a helper's entry."""
     entries = {
         ".".join(p.relative_to(SRC).with_suffix("").parts)
         for p in SRC.rglob("*.py")
         if "\ndef helper_main(fds: list[int]) -> int:" in p.read_text()
     }
-    assert entries == set(HELPER_MODULES)
+    assert entries == set(PRELOADED) | set(ON_DEMAND)

@@ -16,33 +16,37 @@ the memfds of other VMs in the same process.
 
 **Why not a fresh interpreter per helper.** ``subprocess.Popen`` of ``python -m ...``
 is clean (no Python code runs between its fork and its ``exec``, only the passed
-descriptors survive) but slow: an interpreter, numpy and livemig's modules take
-0.2-0.5 s on the loaded development machine, where instant restore is meant to run the
-guest within 100 ms of ``migrate-incoming``.
+descriptors survive) but slow: 30-50 ms for the standard-library fault handlers and
+0.15 s for the writer (numpy) on an idle machine, several times that on the loaded
+two-CPU development machine, where instant restore is meant to run the guest within
+100 ms of ``migrate-incoming`` (``benchmarks/bench_helpers.py``).
 
-**The launcher: a fork server.** Once per VM process, early (when the VM's controller is
-made, :func:`prestart`; or at the first helper, :func:`launcher`), ``python -m
-livemig.migration.core.helpers`` is started with ``Popen`` — a fresh interpreter, off
-any migration's critical path. It imports the helpers' modules (``preload``, one at a
-time, in the order given — the helper whose start is most urgent first — and serving
-any request that arrives between two), and waits for requests on a ``SOCK_SEQPACKET`` socket. Each request names a helper's entry
-(``module:function``, called with the list of descriptors it was given) and carries its
-descriptors (``SCM_RIGHTS``); the launcher forks, and the child runs the entry. The
-launcher never starts a thread, and it checks before every fork that it has exactly one
-(``/proc/self/task``): numpy's BLAS would start a thread pool at import, so it is started
-with ``OPENBLAS_NUM_THREADS=1`` (and OpenMP's and MKL's equivalents), and a module that
-starts a thread anyway makes every spawn fail with :class:`HelperError` rather than fork
-a multi-threaded process. A fork of the small launcher takes milliseconds.
+**The launcher: a fork server.** Once per VM process, early — as the first step of
+``livemig vm``, else when a VM's controller is made (:func:`prestart`), else at the first
+helper (:func:`launcher`) — ``python -m livemig.migration.core.helpers`` is started with
+``Popen``: a fresh interpreter, off any migration's critical path. It imports the modules
+it is given to preload (one at a time, in the order given, serving any request that
+arrives between two; :mod:`livemig.migration.helper_modules` says which and why) and
+waits for requests on a ``SOCK_SEQPACKET`` socket. Each request names a helper's entry
+(``module:function``, imported first if it is not loaded yet; called with the list of
+descriptors it was given) and carries its descriptors (``SCM_RIGHTS``); the launcher
+forks, and the child runs the entry. The launcher never starts a thread, and it checks
+before every fork that it has exactly one (``/proc/self/task``): numpy's BLAS would
+start a thread pool at import, so it is started with ``OPENBLAS_NUM_THREADS=1`` (and
+OpenMP's and MKL's equivalents), and a module that starts a thread anyway makes every
+spawn fail with :class:`HelperError` rather than fork a multi-threaded process. A fork
+of the small launcher takes milliseconds.
 
 **Descriptors.** The launcher holds only its request socket, a pidfd of the VM process,
 and a pidfd and a status socket per running helper. A child closes every descriptor but
 0, 1, 2 (the VM's stdout and stderr at the launcher's start; stdin is ``/dev/null``) and
 the ones its request carried, before the entry runs — no other helper's, no guest memfd
-of anyone, no QMP socket. The VM process gets back the helper's pid and a pidfd of it;
+of anyone, no QMP socket; the launcher closes its copies before it answers. The VM
+process gets back the helper's pid and a pidfd of it;
 the status socket tells it the exit status once the launcher has reaped the helper.
 
-**Death.** A helper must not outlive the VM process: a helper holding a userfaultfd keeps
-the registration, and a guest's faults would hang on a resolver that serves no one. Each
+**Death.** A helper must not outlive the VM process: it would sit for ever on what it was
+given (a userfaultfd, a mapped-ram file, a migration socket), serving no one. Each
 helper is the launcher's child, not the VM's, so ``PR_SET_PDEATHSIG`` against the VM is
 not possible; instead the chain is: the launcher watches the VM process (its pidfd, and
 the end of its request socket) and, when it ends, kills and reaps its helpers and exits;
