@@ -4,9 +4,10 @@ Why a process (docs/postcopy.md): a thread that faults on a missing page while h
 the GIL would stop a handler *thread* of the same process; the process has its own GIL.
 :class:`HandlerControl` starts it at POSTCOPY_ADVISE, forked by the helper launcher
 (:mod:`livemig.migration.core.helpers`: a few milliseconds, never a fork of this
-multi-threaded process, only its control socket inherited), sets it up at LISTEN (the userfaultfd, the received map, the plugged runs),
-hands it the postcopy channel at RUN and after each recovery, and reads its reports on the
-control socket in a thread of its own:
+multi-threaded process, only its control socket inherited), sets it up at LISTEN (the
+userfaultfd, the received map, the plugged runs), hands it the postcopy channel at RUN
+and after each recovery, and reads its reports on the control socket in a thread of its
+own:
 
 * ``eos``: the postcopy channel's EOS arrived (the source sent its last urgent page);
 * ``lost``: the postcopy channel failed — postcopy pauses;

@@ -27,9 +27,9 @@ Two threads:
 
 If this process dies — an error, ``migrate_cancel`` (SIGKILL), the VM process exiting
 (the launcher kills its helpers then, and a helper dies with the launcher) — its
-userfaultfd goes with it: the VM process dropped its own
-copy once protection was on, so this is the last reference, and the kernel unregisters
-the ranges and wakes every blocked fault. Guest RAM is never mapped here.
+userfaultfd goes with it: the VM process dropped its own copy once protection was on, so
+this is the last reference, and the kernel unregisters the ranges and wakes every
+blocked fault. Guest RAM is never mapped here.
 """
 
 from __future__ import annotations
