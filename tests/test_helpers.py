@@ -265,6 +265,31 @@ def test_the_launcher_and_its_helpers_die_with_the_vm_process(probe_path: None) 
                 pass
 
 
+FORK_SCRIPT = """
+import os, sys
+from livemig.migration.core import helpers
+import helper_probe
+lau = helpers.launcher()
+lau.start()
+before = lau.pid
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a normal exit: this process's atexit handlers run in the fork
+os.waitpid(child, 0)
+h = lau.spawn(helper_probe.fail, [], "after-fork")
+print(before, lau.pid, h.wait(10), flush=True)
+"""
+
+
+def test_a_fork_of_the_vm_process_leaves_its_launcher_alone(probe_path: None) -> None:
+    """A fork of the VM process that exits normally runs the launcher's atexit clean-up:
+    it must not shut the VM process's launcher down (the socket is shared)."""
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    before, after, code = (int(x) for x in out.stdout.split())
+    assert after == before and code == 1
+
+
 def test_a_vm_controller_starts_this_process_launcher() -> None:
     """The launcher starts with the VM's controller (off any migration's critical path),
     once per process, with the urgent helpers' modules loaded."""

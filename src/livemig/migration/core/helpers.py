@@ -179,9 +179,11 @@ class Helper:
             except TimeoutError:
                 self.kill()
                 self.wait()
-            os.close(self.pidfd)
-            self.pidfd = -1
-        self._status.close()
+        with self._lock:  # poll() from another thread must not see a closed number
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
+            self._status.close()
 
 
 class HelperLauncher:
@@ -277,6 +279,10 @@ class HelperLauncher:
     def _drop_locked(self) -> None:
         sock, proc = self._sock, self.proc
         self._sock = self.proc = None
+        if os.getpid() != self.owner:  # a fork of the VM process: the launcher is not ours
+            if sock is not None:
+                sock.close()  # our copy only: a shutdown would cut the VM process off too
+            return
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # even if a fork of this process holds a copy
