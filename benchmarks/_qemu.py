@@ -57,7 +57,7 @@ class QemuProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}: no QMP socket")
             time.sleep(0.02)
-        self.qmp = QMPClient(str(sock), timeout=600)
+        self.qmp = QMPClient(str(sock), timeout=600, retry_for=30)
 
     @property
     def pid(self) -> int:

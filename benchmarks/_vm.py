@@ -30,7 +30,7 @@ class VmProcess:
             [sys.executable, "-m", "livemig", "vm", "--name", name, "--qmp", f"unix:{sock}", *args],
             stdout=subprocess.DEVNULL,
         )
-        self.qmp = QMPClient(str(sock), timeout=600)
+        self.qmp = QMPClient(str(sock), timeout=600, retry_for=30)
 
     def __call__(self, cmd: str, **kw: object) -> object:
         return self.qmp.execute(cmd, **kw)

@@ -1,14 +1,19 @@
-"""livemig against QEMU on the same machine, in one run (issue 7). Prints a table and JSON.
+"""livemig against QEMU on the same machine, in one run (issues 7, 16). Prints a table and JSON.
 
 QEMU is Debian's ``qemu-system-x86`` (``apt-get install qemu-system-x86``), the yardstick;
 livemig never depends on it.
 
 (a) throughput. Guest RAM holds RANDOM bytes of random pages then ZERO bytes of zero
     pages (written zeros: both sources must read them). QEMU: a VM paused at start (-S)
-    whose RAM is a ``memory-backend-file`` (share=on) on that content in /dev/shm, migrated
-    to a QEMU destination over loopback tcp with 1 channel and with ``multifd`` 2.
-    livemig: a VM whose virtio-mem memory is plugged and loaded with the same file
-    (QMP ``x-load-memory``), paused, migrated the same two ways. Every run starts fresh
+    whose RAM is a ``memory-backend-file`` (share=on, ``prealloc=on``) on that content in
+    /dev/shm, migrated to a QEMU destination over loopback tcp with 1 channel and with
+    ``multifd`` 2. livemig: a VM whose virtio-mem memory is plugged and loaded with the
+    same file (QMP ``x-load-memory``), paused, migrated the same two ways. Fair start:
+    before the clock starts both sources have every guest page mapped and populated in
+    their own address space — QEMU by ``prealloc=on`` (it touches every page of its
+    backend at start-up), livemig by writing the content through its mapping — so
+    neither takes a page fault to read guest memory during the run; each source's shmem
+    RSS at the start and its faults during the run are reported. Every run starts fresh
     processes; engines and channel counts are interleaved, ``--repeats`` times, so that
     the machine's noise (other users, the host) falls on both.
 (b) discard. A QEMU TCG Linux guest (Debian's kernel, a busybox initramfs built here that
@@ -16,14 +21,19 @@ livemig never depends on it.
     region, 1 GiB plugged; and a livemig guest of the same shape whose memory holds what
     the QEMU guest's memory held when its migration started (copied from QEMU's shmem
     backing files, holes kept as holes). Both backends are shmem (QEMU: files in /dev/shm,
-    share=on; livemig: memfd).
+    share=on; livemig: memfd). Equal liveness: both guests are *paused* (``stop``) right
+    before their migrations start — QEMU's Linux guest would otherwise keep running under
+    TCG while livemig's copy of its memory has no Linux to run — so both move a still image
+    of the same memory (QEMU mapped what its guest touched; livemig wrote the same extents).
 
 Reported per run: total time and downtime (each engine's own query-migrate), bytes on the
 wire (``ram.transferred``: main channel and multifd channels), pages read on the source
 (livemig's ``pages-read``; for both: minor faults and shmem RSS growth of the source
 process — a page read for the first time is a fault, and a read of a shmem hole allocates
 it), destination RSS and guest memory allocated there, CPU seconds of both processes,
-and whether the destination's memory equals the source's.
+and whether the destination's memory equals the source's. CPU seconds are also given per
+GiB of guest memory (the guest's RAM plus plugged memory: 4 GiB in (a) by default, 2 GiB
+in (b)) for each side, since on two shared cores time alone does not show efficiency.
 
 Destination memory: this machine's host backs idle memory lazily (first touch of memory
 idle for 10 s costs 0.4-0.8 GB/s). ``--dst-memory warm`` touches and frees memory right
@@ -142,10 +152,12 @@ def prepare_destination(mode: str) -> float:
 
 # -- one migration, either engine ----------------------------------------------------------------
 def _result(engine: str, channels: int, mode: str, info: dict, s0: dict, s1: dict, d1: dict,
-            d0: dict, timeline: list) -> dict[str, Any]:
+            d0: dict, timeline: list, guest_bytes: int) -> dict[str, Any]:
     ram = info.get("ram", {})
     total = info.get("total-time")
     src_d, dst_d = stats_delta(s0, s1), stats_delta(d0, d1)
+    src_cpu = src_d["utime_s"] + src_d["stime_s"]
+    dst_cpu = dst_d["utime_s"] + dst_d["stime_s"]
     return {
         "engine": engine,
         "channels": channels,
@@ -164,8 +176,12 @@ def _result(engine: str, channels: int, mode: str, info: dict, s0: dict, s1: dic
         "src_minflt": src_d["minflt"],
         "src_shmem_rss_growth": src_d["RssShmem"],
         "src_rss_growth": src_d["VmRSS"],
-        "src_cpu_s": round(src_d["utime_s"] + src_d["stime_s"], 2),
-        "dst_cpu_s": round(dst_d["utime_s"] + dst_d["stime_s"], 2),
+        "src_shmem_rss_at_start": s0["RssShmem"],
+        "src_cpu_s": round(src_cpu, 2),
+        "dst_cpu_s": round(dst_cpu, 2),
+        "guest_bytes": guest_bytes,
+        "src_cpu_s_per_gib": round(src_cpu / (guest_bytes / GiB), 3),
+        "dst_cpu_s_per_gib": round(dst_cpu / (guest_bytes / GiB), 3),
         "dst_rss": d1["VmRSS"],
         "dst_shmem_rss": d1["RssShmem"],
         "timeline": timeline,
@@ -213,8 +229,11 @@ class LiveVm(VmProcess):
 def run_qemu_a(img: Path, size: int, channels: int, mode: str, work: Path) -> dict:
     dst_file = SHM / "livemig-vsqemu-qdst.img"
     common = ["-accel", "tcg", "-machine", "pc", "-m", f"{size >> 20}M", "-machine", "memory-backend=ram0", "-S"]
+    # prealloc=on: QEMU maps and populates its whole backend before the clock starts,
+    # as livemig's source has its memory written through its mapping (x-load-memory)
     src = QemuProcess("qsrc", work, [*common, "-object",
-                                     f"memory-backend-file,id=ram0,size={size},mem-path={img},share=on"])
+                                     f"memory-backend-file,id=ram0,size={size},mem-path={img},share=on,"
+                                     "prealloc=on"])
     dst = None
     try:
         prepare_destination(mode)
@@ -222,7 +241,8 @@ def run_qemu_a(img: Path, size: int, channels: int, mode: str, work: Path) -> di
         dst = QemuProcess("qdst", work, [*common, "-incoming", "defer", "-object",
                                          f"memory-backend-file,id=ram0,size={size},mem-path={dst_file},share=on"])
         info, s0, s1, d0, d1, tl = _migrate(src, dst, free_port(), channels, qemu=True)
-        r = _result("qemu", channels, mode, info, s0, s1, d1, d0, tl)
+        r = _result("qemu", channels, mode, info, s0, s1, d1, d0, tl, size)
+        r["src_memory_setup"] = "memory-backend-file prealloc=on"
         r["dst_guest_ram_allocated"] = allocated(dst_file)
         r["content_equal"] = files_equal(img, dst_file, size)
         return r
@@ -248,7 +268,8 @@ def run_livemig_a(img: Path, size: int, channels: int, mode: str, work: Path) ->
         prepare_destination(mode)
         dst = LiveVm("ldst", [*livemig_args(size), "--incoming", "defer", "-S"], work)
         info, s0, s1, d0, d1, tl = _migrate(src, dst, free_port(), channels, qemu=False)
-        r = _result("livemig", channels, mode, info, s0, s1, d1, d0, tl)
+        r = _result("livemig", channels, mode, info, s0, s1, d1, d0, tl, size)
+        r["src_memory_setup"] = "x-load-memory (written through the mapping)"
         r["dst_guest_ram_allocated"] = sum(b["allocated"] for b in dst("x-query-ram-allocation"))  # type: ignore[union-attr]
         r["content_equal"] = src("x-query-guest-checksum") == dst("x-query-guest-checksum")
         r["loaded"] = loaded
@@ -288,7 +309,8 @@ def scenario_a(args: argparse.Namespace, work: Path) -> dict:
 def summarize(runs: list[dict], modes: list[str]) -> dict:
     out: dict[str, Any] = {}
     keys = ("total_time_ms", "downtime_ms", "bytes_on_wire", "src_cpu_s", "dst_cpu_s", "dst_rss",
-            "dst_guest_ram_allocated", "src_minflt", "src_shmem_rss_growth", "src_pages_read")
+            "dst_guest_ram_allocated", "src_minflt", "src_shmem_rss_growth", "src_pages_read",
+            "src_shmem_rss_at_start", "src_cpu_s_per_gib", "dst_cpu_s_per_gib")
     for mode in modes:
         per: dict[str, Any] = {}
         for engine in ("qemu", "livemig"):
@@ -303,15 +325,19 @@ def summarize(runs: list[dict], modes: list[str]) -> dict:
                 entry["total_time_ms_all"] = [r["total_time_ms"] for r in sel]
                 entry["content_equal"] = all(r["content_equal"] for r in sel)
                 per[f"{engine}_{'multifd' + str(ch) if ch > 1 else 'single'}"] = entry
-        q1, q2, l2 = (per.get(k, {}).get("total_time_ms") for k in
-                      ("qemu_single", "qemu_multifd2", "livemig_multifd2"))
-        if q1 and q2 and l2:
-            per["targets"] = {
-                "livemig_multifd2_vs_qemu_single": round(l2 / q1, 3),
-                "at_most_half_of_qemu_single": l2 <= q1 / 2,
-                "livemig_multifd2_vs_qemu_multifd2": round(l2 / q2, 3),
-                "no_more_than_qemu_multifd2": l2 <= q2,
-            }
+        targets: dict[str, Any] = {}
+        for ch in ("single", "multifd2"):  # issue 16: equal channel counts, CPU per GiB each side
+            q, lm = per.get(f"qemu_{ch}"), per.get(f"livemig_{ch}")
+            if not q or not lm:
+                continue
+            targets[f"{ch}_time_livemig_vs_qemu"] = round(lm["total_time_ms"] / q["total_time_ms"], 3)
+            targets[f"{ch}_livemig_no_slower"] = lm["total_time_ms"] <= q["total_time_ms"]
+            for side in ("src", "dst"):
+                ratio = lm[f"{side}_cpu_s_per_gib"] / max(q[f"{side}_cpu_s_per_gib"], 1e-9)
+                targets[f"{ch}_{side}_cpu_per_gib_livemig_vs_qemu"] = round(ratio, 3)
+                targets[f"{ch}_{side}_cpu_per_gib_at_most_0.6x"] = ratio <= 0.6
+        if targets:
+            per["targets"] = targets
         out[mode] = per
     return out
 
@@ -341,6 +367,7 @@ def run_qemu_b(channels: int, kernel: Path, initrd: Path, work: Path, snap: tupl
         time.sleep(2)
         plugged = src("query-memory-devices")[0]["data"]["size"]
         # what livemig's guest will hold: the QEMU guest's memory as its migration starts
+        src("stop")  # equal liveness: both guests paused (docstring)
         snap_bytes = copy_sparse(ramf, snap[0]) + copy_sparse(vmemf, snap[1])
         src_alloc_before = allocated(ramf) + allocated(vmemf)
         prepare_destination(mode)
@@ -348,8 +375,8 @@ def run_qemu_b(channels: int, kernel: Path, initrd: Path, work: Path, snap: tupl
             "memory-backend-memfd,id=ram0,size=1G", "memory-backend-memfd,id=mem0,size=8G",
             kernel, initrd, work / "bdst.serial"), "-incoming", "defer"])
         info, s0, s1, d0, d1, tl = _migrate(src, dst, free_port(), channels, qemu=True)
-        r = _result("qemu", channels, mode, info, s0, s1, d1, d0, tl)
-        r.update(boot_s=round(boot_s, 1), plugged=plugged, guest_data_bytes=snap_bytes,
+        r = _result("qemu", channels, mode, info, s0, s1, d1, d0, tl, GiB + plugged)
+        r.update(boot_s=round(boot_s, 1), plugged=plugged, guest_data_bytes=snap_bytes, guest="paused",
                  dst_guest_ram_allocated=d1["RssShmem"],  # memfd: what QEMU touched is allocated
                  src_guest_ram_allocated_before=src_alloc_before,
                  src_guest_ram_allocated_after=allocated(ramf) + allocated(vmemf))
@@ -375,10 +402,12 @@ def run_livemig_b(channels: int, work: Path, snap: tuple[Path, Path], mode: str)
         loaded = [src("x-load-memory", id="pc.ram", path=str(snap[0])),
                   src("x-load-memory", id="vm0-memdev", path=str(snap[1]))]
         alloc0 = {b["id"]: b for b in src("x-query-ram-allocation")}  # type: ignore[union-attr]
+        src("stop")  # equal liveness: both guests paused (docstring)
         prepare_destination(mode)
         dst = LiveVm("bldst", [*livemig_b_args(), "--incoming", "defer", "-S"], work)
         info, s0, s1, d0, d1, tl = _migrate(src, dst, free_port(), channels, qemu=False)
-        r = _result("livemig", channels, mode, info, s0, s1, d1, d0, tl)
+        r = _result("livemig", channels, mode, info, s0, s1, d1, d0, tl, 2 * GiB)
+        r["guest"] = "paused"
         alloc1 = {b["id"]: b for b in src("x-query-ram-allocation")}  # type: ignore[union-attr]
         dalloc = {b["id"]: b for b in dst("x-query-ram-allocation")}  # type: ignore[union-attr]
         r.update(
@@ -426,7 +455,14 @@ def scenario_b(args: argparse.Namespace, work: Path) -> dict:
         q = [r for r in runs if r["engine"] == "qemu" and r["channels"] == ch and r["status"] == "completed"]
         lm = [r for r in runs if r["engine"] == "livemig" and r["channels"] == ch and r["status"] == "completed"]
         if q and lm:
+            qt = statistics.median(r["total_time_ms"] for r in q)
+            lt = statistics.median(r["total_time_ms"] for r in lm)
             summary[f"channels_{ch}"] = {
+                "guests": "both paused",
+                "qemu_time_ms": qt,
+                "livemig_time_ms": lt,
+                "time_livemig_vs_qemu": round(lt / qt, 3),
+                "livemig_at_most_0.3x_qemu_time": lt <= 0.3 * qt,
                 "qemu_bytes": statistics.median(r["bytes_on_wire"] for r in q),
                 "livemig_bytes": statistics.median(r["bytes_on_wire"] for r in lm),
                 "livemig_sends_no_more_bytes": max(r["bytes_on_wire"] for r in lm)
@@ -446,16 +482,19 @@ def _mb(v: int | None) -> str:
 
 
 def table(out: dict) -> str:
-    rows = [("scenario", "engine", "ch", "dst mem", "total ms", "downtime ms", "wire MB", "src faults",
-             "src shmem +MB", "src read pg", "dst RSS MB", "dst alloc MB", "cpu s src/dst", "equal")]
+    rows = [("scenario", "engine", "ch", "dst mem", "total ms", "downtime ms", "wire MB", "src shmem MB",
+             "src faults", "src shmem +MB", "src read pg", "dst RSS MB", "dst alloc MB", "cpu s src/dst",
+             "cpu s/GiB src/dst", "equal")]
     for name in ("a_throughput", "b_discard"):
         for r in out.get(name, {}).get("runs", []):
             mb = 1e6
             rows.append((name[0], r["engine"], str(r["channels"]), r["dst_memory"], str(r["total_time_ms"]),
-                         str(r["downtime_ms"]), f"{(r['bytes_on_wire'] or 0) / mb:.1f}", str(r["src_minflt"]),
+                         str(r["downtime_ms"]), f"{(r['bytes_on_wire'] or 0) / mb:.1f}",
+                         f"{r['src_shmem_rss_at_start'] / mb:.0f}", str(r["src_minflt"]),
                          f"{r['src_shmem_rss_growth'] / mb:.1f}", str(r.get("src_pages_read", "-")),
                          f"{r['dst_rss'] / mb:.0f}", _mb(r.get("dst_guest_ram_allocated")),
-                         f"{r['src_cpu_s']}/{r['dst_cpu_s']}", str(r.get("content_equal", "-"))))
+                         f"{r['src_cpu_s']}/{r['dst_cpu_s']}",
+                         f"{r['src_cpu_s_per_gib']}/{r['dst_cpu_s_per_gib']}", str(r.get("content_equal", "-"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livemig.cli_inspect import main
+from livemig.cli.inspect import main
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
 from livemig.inspect import StreamReport, check_discard, inspect_stream
@@ -554,7 +554,7 @@ def test_cli_subprocess_on_a_damaged_file(small_stream: Source, tmp_path: Path) 
     path.write_bytes(small_stream.path.read_bytes()[: lm.page_payload])
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.run(
-        [sys.executable, "-m", "livemig.cli_inspect", str(path), "--check-discard"],
+        [sys.executable, "-m", "livemig", "inspect", str(path), "--check-discard"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -26,7 +26,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from livemig.control import qmp_server
+from livemig.control import qmp_protocol, qmp_server
 from livemig.control.qmp_server import QMPError, QMPServer, QMPSocketError
 
 VERSION = (9, 1, 2)
@@ -524,8 +524,8 @@ def test_requests_are_framed_by_json_not_by_lines(server: QMPServer, sock_path: 
 def test_splitter_handles_any_chunking():
     stream = b' {"a": "}\\"{", "b": [1, {"c": 2}]}\n[3]  42\t"q\\\\"{"z":1}\n'
     expected = [{"a": '}"{', "b": [1, {"c": 2}]}, [3], 42, "q\\", {"z": 1}]
-    whole = qmp_server._JSONSplitter().feed(stream)
-    splitter = qmp_server._JSONSplitter()
+    whole = qmp_protocol.JSONSplitter().feed(stream)
+    splitter = qmp_protocol.JSONSplitter()
     bytewise = [piece for i in range(len(stream)) for piece in splitter.feed(stream[i : i + 1])]
     assert [json.loads(p) for p in whole] == expected
     assert [json.loads(p) for p in bytewise] == expected
@@ -541,7 +541,7 @@ def test_splitter_handles_any_chunking():
 def test_oversized_input_drops_only_that_client(
     server: QMPServer, sock_path: str, monkeypatch: pytest.MonkeyPatch, data: bytes, desc: str
 ):
-    monkeypatch.setattr(qmp_server, "_MAX_MESSAGE_BYTES", 1024)
+    monkeypatch.setattr(qmp_protocol, "MAX_MESSAGE_BYTES", 1024)
     other = Raw(sock_path, negotiate=True)
     raw = Raw(sock_path, negotiate=True)
     raw.send(data)
@@ -762,3 +762,116 @@ def test_emit_rejects_data_that_is_not_json(server: QMPServer):
         server.emit("X", {"f": float("nan")})
     with pytest.raises(TypeError):
         server.emit("X", [1, 2])  # type: ignore[arg-type]
+
+
+# ---- events a guest can trigger are rate-limited, as QEMU's monitor does
+
+
+class Listener:
+    """Reads every message of a raw client on a thread, noting when each arrived."""
+
+    def __init__(self, raw: Raw) -> None:
+        self.raw = raw
+        self.got: list[tuple[float, dict[str, Any]]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.raw.sock.settimeout(None)
+        for line in self.raw.reader:
+            self.got.append((time.monotonic(), json.loads(line)))
+
+    def events(self, name: str) -> list[tuple[float, dict[str, Any]]]:
+        return [(t, m) for t, m in list(self.got) if m.get("event") == name]
+
+    def close(self) -> None:
+        self.raw.sock.shutdown(socket.SHUT_RDWR)  # ends the reading thread first
+        self.thread.join(5)
+        self.raw.close()
+
+
+def _size_change(device: str, size: int) -> dict[str, Any]:
+    return {"id": device, "size": size, "qom-path": f"/machine/peripheral/{device}"}
+
+
+def test_memory_device_size_change_is_throttled_per_device(sock_path: str):
+    """QEMU: the first event goes out at once, later ones within a second are held back,
+    only the latest of them is sent when the second is over; each qom-path on its own."""
+    with QMPServer(sock_path) as srv:
+        listener = Listener(Raw(sock_path, negotiate=True))
+        t0 = time.monotonic()
+        for size in range(8):  # one resize: eight size changes in quick succession
+            srv.emit("MEMORY_DEVICE_SIZE_CHANGE", _size_change("vm0", size))
+        emitted_last = time.time()
+        srv.emit("MEMORY_DEVICE_SIZE_CHANGE", _size_change("vm1", 100))
+        srv.emit("STOP")  # not throttled
+        assert wait_until(lambda: len(listener.got) >= 3)
+        time.sleep(0.7)
+        first = [(m["event"], m.get("data", {}).get("size")) for _, m in listener.got]
+        assert first == [("MEMORY_DEVICE_SIZE_CHANGE", 0), ("MEMORY_DEVICE_SIZE_CHANGE", 100),
+                         ("STOP", None)]
+        assert wait_until(lambda: len(listener.events("MEMORY_DEVICE_SIZE_CHANGE")) == 3, 2.0)
+        arrived, last = listener.events("MEMORY_DEVICE_SIZE_CHANGE")[2]
+        assert last["data"] == _size_change("vm0", 7)  # the latest, the others dropped
+        assert 0.9 <= arrived - t0 <= 1.6
+        # it carries the time it happened, not the time it was sent
+        stamp = last["timestamp"]["seconds"] + last["timestamp"]["microseconds"] / 1e6
+        assert abs(stamp - emitted_last) < 0.1
+        # the next period ends with nothing held back; then an event goes out at once
+        time.sleep(1.2)
+        assert len(listener.events("MEMORY_DEVICE_SIZE_CHANGE")) == 3
+        sent = time.monotonic()
+        srv.emit("MEMORY_DEVICE_SIZE_CHANGE", _size_change("vm0", 8))
+        assert wait_until(lambda: len(listener.events("MEMORY_DEVICE_SIZE_CHANGE")) == 4, 0.5)
+        assert listener.events("MEMORY_DEVICE_SIZE_CHANGE")[3][0] - sent < 0.3
+        listener.close()
+
+
+# ---- what all clients together can make the server hold
+
+
+def test_client_count_is_bounded_and_the_refused_client_is_told(sock_path: str):
+    with QMPServer(sock_path, max_clients=3) as srv:
+        clients = [Raw(sock_path, negotiate=True) for _ in range(3)]
+        extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.settimeout(5)
+        extra.connect(sock_path)
+        reader = extra.makefile("rb")
+        assert json.loads(reader.readline()) == {
+            "error": {"class": "GenericError",
+                      "desc": "too many QMP clients (3 connected, limit 3)"}}
+        assert reader.readline() == b""  # hung up
+        extra.close()
+        clients.pop().close()
+        assert wait_until(lambda: srv.client_count == 2)
+        again = Raw(sock_path, negotiate=True)  # a place is free again
+        again.send(b'{"execute": "query-version"}')
+        assert again.recv()["return"]["package"] == "livemig"
+        for c in [*clients, again]:
+            c.close()
+
+
+def test_unanswered_input_of_all_clients_is_bounded(sock_path: str):
+    """Partial messages under the per-message cap, from several clients, add up to the
+    server's budget; the client that crosses it gets an error and is cut off, the others
+    and the server carry on."""
+    limit = 1 << 20
+    with QMPServer(sock_path, max_input_bytes=limit) as srv:
+        holders = [Raw(sock_path, negotiate=True) for _ in range(3)]
+        for h in holders[:2]:
+            h.send(b'{"execute": "x", "arguments": {"s": "' + b"a" * (400 << 10))
+        assert wait_until(lambda: srv.input_bytes_held >= 800 << 10)
+        offender = holders[2]
+        offender.send(b'{"execute": "x", "arguments": {"s": "' + b"a" * (400 << 10))
+        reply = offender.recv()
+        assert reply["error"]["desc"].startswith("QMP input limit reached: clients hold")
+        assert "(limit 1 MiB)" in reply["error"]["desc"]
+        assert offender.reader.readline() == b""  # disconnected
+        assert srv.input_bytes_held <= limit
+        # the two holders finish their requests and are answered
+        for h in holders[:2]:
+            h.send(b'"}}')
+            assert h.recv()["error"]["desc"] == "The command x has not been found"
+        assert wait_until(lambda: srv.input_bytes_held == 0)
+        for h in holders:
+            h.close()

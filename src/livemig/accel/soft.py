@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from livemig.accel.throttle import VcpuThrottle
 from livemig.devices.state import StateRegistry
 from livemig.memory import hostmem
 from livemig.memory.dirty_log import BitmapDirtyLog
@@ -34,9 +35,15 @@ class VcpuPauser:
     vCPU threads call :meth:`checkpoint` between batches; :meth:`pause` returns only once
     every registered vCPU is parked, so no guest write is in flight afterwards — which is
     what "the guest is stopped" must mean for the final dirty sync.
+
+    The checkpoint is also where a throttled vCPU sleeps its share
+    (:class:`~livemig.accel.throttle.VcpuThrottle`, bound to the thread by :meth:`bind`);
+    :meth:`pause` and :meth:`stop` end such a sleep at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, throttle: VcpuThrottle | None = None) -> None:
+        self.throttle = throttle if throttle is not None else VcpuThrottle()
+        self._local = threading.local()
         self._cond = threading.Condition()
         self._paused = True
         self._parked = 0
@@ -52,8 +59,19 @@ class VcpuPauser:
             self._members -= 1
             self._cond.notify_all()
 
+    def bind(self, index: int) -> None:
+        """On a vCPU thread: its checkpoints pace vCPU ``index`` of the throttle."""
+        self._local.index = index
+
+    def index(self) -> int | None:
+        """The vCPU the calling thread runs, or None (not a vCPU thread)."""
+        return getattr(self._local, "index", None)
+
     def checkpoint(self) -> bool:
-        """Park while paused; return False when the vCPU should exit."""
+        """Sleep the throttle's share, park while paused; False when the vCPU should exit."""
+        index = self.index()
+        if index is not None:
+            self.throttle.pace(index)
         with self._cond:
             if self._paused and not self._stopping:
                 self._parked += 1
@@ -64,6 +82,7 @@ class VcpuPauser:
             return not self._stopping
 
     def pause(self, timeout: float = 10.0) -> None:
+        self.throttle.wake()
         with self._cond:
             self._paused = True
             if not self._cond.wait_for(lambda: self._parked >= self._members, timeout):
@@ -75,6 +94,7 @@ class VcpuPauser:
             self._cond.notify_all()
 
     def stop(self) -> None:
+        self.throttle.wake()
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -92,7 +112,9 @@ class SoftAccel:
     def __init__(self, memory: GuestMemoryMap):
         self.memory = memory
         self.dirty_log = BitmapDirtyLog(memory.blocks)
-        self.pauser = VcpuPauser()
+        # auto-converge / dirty-limit (accel.throttle); write_pages counts per-vCPU dirtying
+        self.throttle = VcpuThrottle(counts_dirty=True)
+        self.pauser = VcpuPauser(self.throttle)
         self.discarded_writes = 0  # pages written while discarded (misbehaving guest)
         self._threads: list[threading.Thread] = []
 
@@ -111,6 +133,9 @@ class SoftAccel:
                 self.discarded_writes += self._count_discarded(mr, pages)
         first, n = int(pages[0]), len(pages)
         _store_pages(block, pages, data)  # GIL released: see _store_pages
+        vcpu = self.pauser.index()
+        if vcpu is not None:
+            self.throttle.count_dirty(vcpu, n)
         if int(pages[-1]) - first + 1 == n:
             self.dirty_log.mark_range(block, first, n)
         else:
@@ -168,6 +193,7 @@ class SoftAccel:
             t.start()
 
     def _vcpu_main(self, index: int, body: Callable[[int, VcpuPauser], None]) -> None:
+        self.pauser.bind(index)
         try:
             body(index, self.pauser)
         finally:

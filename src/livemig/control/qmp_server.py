@@ -1,10 +1,12 @@
-"""A QMP (QEMU Machine Protocol) server on a unix socket.
+"""A QMP (QEMU Machine Protocol) server on a unix or TCP socket.
 
 Management tools already speak QMP to QEMU: the ``qemu.qmp`` library, ``qmp-shell``,
 libvirt-style scripts, or plain ``socat``. Speaking the same wire protocol lets them drive a
 livemig VM unchanged, so this module follows QEMU's observable behaviour closely: the
 greeting, capabilities negotiation, the error classes and descriptions, request framing that
-does not depend on newlines, and events only for negotiated clients.
+does not depend on newlines (:mod:`.qmp_protocol`), argument checking against the handler's
+signature (:mod:`.qmp_commands`), events only for negotiated clients, and QEMU's rate limit
+on events a guest can trigger (:mod:`.qmp_events`).
 
 Threading model. The VM process is multi-threaded (vCPUs, migration), so the server owns a
 private asyncio event loop on a daemon thread and never asks its caller to be async:
@@ -17,11 +19,18 @@ private asyncio event loop on a daemon thread and never asks its caller to be as
   *different* clients can run concurrently and must therefore be thread-safe, which they
   need to be anyway since they never run on a VM thread.
 
-Socket file. The socket is created 0600 (it is full control of the VM) and an existing file
-at the path is only ever removed when it is our own stale socket; see ``_claim_path``.
+Memory. Clients cannot make the server hold unbounded memory: at most ``max_clients``
+connections (QEMU serves one per monitor), one message of at most 16 MiB each, at most
+``max_input_bytes`` of unanswered input for all clients together (partial messages and
+queued requests; the client whose input crosses the limit gets an error and is
+disconnected) and a bounded output buffer per client.
 
-Only unix sockets are supported. Out-of-band execution is not offered in the greeting;
-``exec-oob`` is accepted and treated like ``execute``.
+Socket file (unix). Created 0600 whatever the umask, present only once the socket listens,
+and an existing file at the path is only ever removed when it is our own stale socket; see
+:mod:`.qmp_address`.
+
+Out-of-band execution is not offered in the greeting; ``exec-oob`` is accepted and treated
+like ``execute``.
 """
 
 from __future__ import annotations
@@ -29,23 +38,40 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import inspect
 import itertools
 import json
 import logging
-import os
-import re
 import socket
-import stat
 import threading
 import time
-import types
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_VERSION", "QMPError", "QMPServer", "QMPSocketError"]
+from livemig.control.qmp_address import (
+    QMPAddressError,
+    QMPSocketError,
+    open_listener,
+    parse_address,
+)
+from livemig.control.qmp_commands import Command, bind_arguments, build_command, call_handler
+from livemig.control.qmp_events import QEMU_THROTTLED_EVENTS, EventThrottle
+from livemig.control.qmp_protocol import (
+    InputOverflow,
+    JSONSplitter,
+    QMPError,
+    check_envelope,
+    error_reply,
+    parse_json,
+)
+from livemig.migration.channels import remove_own_socket
+
+__all__ = [
+    "DEFAULT_VERSION",
+    "QMPAddressError",
+    "QMPError",
+    "QMPServer",
+    "QMPSocketError",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,427 +79,33 @@ log = logging.getLogger(__name__)
 #: Clients gate features on it, so it names a real QEMU release.
 DEFAULT_VERSION: tuple[int, int, int] = (10, 2, 0)
 
-# Limits that keep one misbehaving client from exhausting memory. QEMU uses the same
-# nesting limit and queues at most 8 requests per client before it stops reading.
-_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-_MAX_NESTING = 1024
+# Limits that keep misbehaving clients from exhausting memory. QEMU queues at most 8
+# requests per client before it stops reading.
 _REQUEST_QUEUE_LEN = 8
-_MAX_OUTPUT_BUFFER = 16 * 1024 * 1024
+_MAX_OUTPUT_BUFFER = 2 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
+#: Connections served at once (QEMU serves one per monitor; more wait in its backlog).
+MAX_CLIENTS = 16
+#: Unanswered input (partial messages and queued requests) of all clients together.
+MAX_INPUT_BYTES = 32 * 1024 * 1024
 
 _NEGOTIATION_EXPECTED = "Expecting capabilities negotiation with 'qmp_capabilities'"
 _NEGOTIATION_DONE = "Capabilities negotiation is already complete, command ignored"
 
 
-class QMPError(Exception):
-    """Raised by a command handler to make the client receive a QMP error reply.
-
-    The error *class* is explicit because clients branch on it (``DeviceNotFound``,
-    ``CommandNotFound``, ...); any other exception escaping a handler is reported as
-    ``GenericError`` with ``str(exc)`` as its description.
-    """
-
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.cls = cls
-
-
-class QMPSocketError(OSError):
-    """The socket path cannot be used: in use, or something we must not remove is there.
-
-    A subclass of ``OSError`` so that callers handle it together with bind failures.
-    """
-
-
-# --------------------------------------------------------------------------------------
-# Commands and their arguments
-
-
-_JSON_TYPE_NAMES: dict[type, str] = {
-    bool: "boolean",
-    int: "integer",
-    float: "number",
-    str: "string",
-    list: "array",
-    dict: "object",
-}
-
-
-@dataclass(frozen=True)
-class _Param:
-    py_name: str
-    required: bool
-    #: Python types of acceptable JSON values, or None when the annotation is not checked.
-    accepted: frozenset[type] | None
-    expected: str
-
-
-@dataclass(frozen=True)
-class _Command:
-    name: str
-    func: Callable[..., Any]
-    params: dict[str, _Param]  # keyed by QMP (dashed) name
-    accepts_extra: bool  # the handler has **kwargs
-    inline: bool  # built-ins run on the loop: they are instant and touch per-client state
-
-
-def _type_spec(annotation: Any) -> tuple[frozenset[type], str] | None:
-    """Map an annotation to the JSON types it admits, if it is simple enough to check.
-
-    Checking here gives clients QEMU's "Invalid parameter type" error instead of whatever a
-    handler does with a string where it wanted an int. Annotations we do not understand
-    (unresolved strings, Literal, custom classes) are left to the handler.
-    """
-    if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
-        return None
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        members = typing.get_args(annotation)
-    else:
-        members = (annotation,)
-    accepted: set[type] = set()
-    names: list[str] = []
-    for member in members:
-        if member is type(None):
-            accepted.add(type(None))
-            continue
-        base = typing.get_origin(member) or member
-        if base not in _JSON_TYPE_NAMES:
-            return None
-        accepted.add(base)
-        names.append(_JSON_TYPE_NAMES[base])
-    return frozenset(accepted), " or ".join(names) or "null"
-
-
-def _json_value_matches(value: Any, accepted: frozenset[type]) -> bool:
-    if isinstance(value, bool):  # before int: bool is an int subclass, JSON keeps them apart
-        return bool in accepted
-    if isinstance(value, int):  # a JSON integer is also a valid "number"
-        return int in accepted or float in accepted
-    return type(value) in accepted
-
-
-def _build_command(name: str, func: Callable[..., Any], *, inline: bool = False) -> _Command:
-    """Work out once, at registration, which QMP arguments a handler takes.
-
-    Registration is where a handler that can never be called by name (positional-only
-    parameters without defaults) should fail, not at the first client request.
-    """
-    try:
-        sig = inspect.signature(func, eval_str=True)
-    except Exception:  # annotations naming TYPE_CHECKING-only imports: skip type checks
-        sig = inspect.signature(func)
-    params: dict[str, _Param] = {}
-    accepts_extra = False
-    for p in sig.parameters.values():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            accepts_extra = True
-        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
-            continue
-        elif p.kind is inspect.Parameter.POSITIONAL_ONLY:
-            if p.default is inspect.Parameter.empty:
-                raise TypeError(
-                    f"QMP command {name!r}: handler parameter {p.name!r} is positional-only "
-                    "and cannot receive a QMP argument"
-                )
-        else:
-            spec = _type_spec(p.annotation)
-            params[p.name.replace("_", "-")] = _Param(
-                py_name=p.name,
-                required=p.default is inspect.Parameter.empty,
-                accepted=spec[0] if spec else None,
-                expected=spec[1] if spec else "",
-            )
-    return _Command(name, func, params, accepts_extra, inline)
-
-
-def _bind_arguments(cmd: _Command, args: dict[str, Any]) -> dict[str, Any]:
-    """Turn QMP arguments into handler keyword arguments, with QEMU's error messages."""
-    for qmp_name, param in cmd.params.items():
-        if param.required and qmp_name not in args:
-            raise QMPError(f"Parameter '{qmp_name}' is missing")
-    declared = {p.py_name for p in cmd.params.values()}
-    kwargs: dict[str, Any] = {}
-    for key, value in args.items():
-        param = cmd.params.get(key)
-        if param is None:
-            py_name = key.replace("-", "_")
-            # The underscore spelling of a declared parameter is not an alias for it.
-            if not cmd.accepts_extra or py_name in declared or py_name in kwargs:
-                raise QMPError(f"Parameter '{key}' is unexpected")
-            kwargs[py_name] = value
-            continue
-        if param.accepted is not None and not _json_value_matches(value, param.accepted):
-            raise QMPError(f"Invalid parameter type for '{key}', expected: {param.expected}")
-        kwargs[param.py_name] = value
-    return kwargs
-
-
-def _call_handler(cmd: _Command, kwargs: dict[str, Any]) -> Any:
-    """Run a handler on a worker thread, turning every failure into a QMPError.
-
-    Anything else escaping into the executor future would be re-raised on the event loop,
-    and a SystemExit there would take the whole server down.
-    """
-    try:
-        return cmd.func(**kwargs)
-    except QMPError:
-        raise
-    except BaseException as exc:
-        log.exception("QMP command %s failed", cmd.name)
-        raise QMPError(str(exc) or type(exc).__name__) from exc
-
-
-# --------------------------------------------------------------------------------------
-# Framing and parsing of the input stream
-
-_ANY_NON_SPACE = re.compile(rb"\S")
-_STRUCTURAL = re.compile(rb'[{}\[\]"]')
-_IN_STRING = re.compile(rb'["\\]')
-_SCALAR_END = re.compile(rb'[\s{}\[\]"]')
-
-
-class _InputOverflow(Exception):
-    """A client sent a value too large or too deeply nested to buffer."""
-
-
-class _JSONSplitter:
-    """Cut a byte stream into top-level JSON texts.
-
-    QMP does not require newlines: QEMU accepts a request split across lines, or several
-    on one line, so framing follows brackets and strings rather than ``readline()``. Only
-    framing happens here; each piece is then parsed on its own, so a malformed piece costs
-    one error reply and the stream picks up again at the next top-level value.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0  # next byte to look at
-        self._start = -1  # where the current value began; -1 between values
-        self._depth = 0
-        self._in_string = False
-        self._in_scalar = False
-
-    def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        buf += data
-        out: list[bytes] = []
-        n = len(buf)
-        pos = self._pos
-        while pos < n:
-            if self._in_string:
-                m = _IN_STRING.search(buf, pos)
-                if m is None:
-                    pos = n
-                    break
-                if buf[m.start()] == 0x5C:  # backslash: skip it and the escaped byte
-                    pos = m.start() + 2
-                    continue
-                pos = m.end()
-                self._in_string = False
-                if self._depth == 0:
-                    out.append(bytes(buf[self._start : pos]))
-                    self._start = -1
-            elif self._start < 0:
-                m = _ANY_NON_SPACE.search(buf, pos)
-                if m is None:
-                    pos = n
-                    break
-                pos = self._start = m.start()
-                c = buf[pos]
-                if c in b"{[":
-                    self._depth = 1
-                    pos += 1
-                elif c == 0x22:
-                    self._in_string = True
-                    pos += 1
-                elif c in b"}]":  # stray closer: a one-byte piece that fails to parse
-                    pos += 1
-                    out.append(bytes(buf[self._start : pos]))
-                    self._start = -1
-                else:
-                    self._in_scalar = True
-            elif self._in_scalar:
-                m = _SCALAR_END.search(buf, pos)
-                if m is None:
-                    pos = n
-                    break
-                pos = m.start()
-                out.append(bytes(buf[self._start : pos]))
-                self._start = -1
-                self._in_scalar = False
-            else:
-                m = _STRUCTURAL.search(buf, pos)
-                if m is None:
-                    pos = n
-                    break
-                c = buf[m.start()]
-                pos = m.end()
-                if c == 0x22:
-                    self._in_string = True
-                elif c in b"{[":
-                    self._depth += 1
-                    if self._depth > _MAX_NESTING:
-                        raise _InputOverflow("JSON parse error, nesting too deep")
-                else:
-                    self._depth -= 1
-                    if self._depth == 0:
-                        out.append(bytes(buf[self._start : pos]))
-                        self._start = -1
-        # Drop what is consumed. pos may be one past the end after a trailing backslash.
-        keep_from = min(pos, n) if self._start < 0 else self._start
-        del buf[:keep_from]
-        self._pos = pos - keep_from
-        if self._start >= 0:
-            self._start = 0
-        if len(buf) > _MAX_MESSAGE_BYTES:
-            raise _InputOverflow("JSON parse error, message too large")
-        return out
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key '{key}'")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"invalid token '{name}'")
-
-
-def _parse_json(piece: bytes) -> Any:
-    """Parse one framed piece as strict JSON (UTF-8, no NaN/Infinity, no duplicate keys)."""
-    try:
-        text = piece.decode("utf-8")
-    except UnicodeDecodeError:
-        raise QMPError("JSON parse error, invalid UTF-8 sequence") from None
-    try:
-        return json.loads(
-            text, object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant
-        )
-    except json.JSONDecodeError as exc:
-        raise QMPError(f"JSON parse error, {exc.msg[:1].lower()}{exc.msg[1:]}") from None
-    except (ValueError, RecursionError) as exc:
-        raise QMPError(f"JSON parse error, {exc}") from None
-
-
-def _check_envelope(req: Any) -> tuple[str, dict[str, Any]]:
-    """Validate the request object itself, before looking at the command."""
-    if not isinstance(req, dict):
-        raise QMPError("QMP input must be a JSON object")
-    for key, value in req.items():
-        if key in ("execute", "exec-oob"):
-            if not isinstance(value, str):
-                raise QMPError(f"QMP input member '{key}' must be a string")
-        elif key == "arguments":
-            if not isinstance(value, dict):
-                raise QMPError("QMP input member 'arguments' must be an object")
-        elif key != "id":
-            raise QMPError(f"QMP input member '{key}' is unexpected")
-    if "execute" in req and "exec-oob" in req:
-        raise QMPError("QMP input must not contain both 'execute' and 'exec-oob'")
-    name = req.get("execute", req.get("exec-oob"))
-    if name is None:
-        raise QMPError("QMP input lacks member 'execute'")
-    return name, req.get("arguments", {})
-
-
-def _error_reply(desc: str, cls: str = "GenericError") -> dict[str, Any]:
-    return {"error": {"class": cls, "desc": desc}}
-
-
-# --------------------------------------------------------------------------------------
-# Socket file
-
-
-def _claim_path(path: str) -> None:
-    """Make ``path`` free for bind(), removing only our own stale socket.
-
-    A VM that crashed leaves its socket behind, and refusing to start over it would make
-    restarts need manual cleanup. Anything else is left alone: a live socket belongs to a
-    running VM, and a regular file, a symlink or another user's socket may be a mistake or
-    an attack (a symlink planted to make us delete or bind somewhere else). lstat() is used
-    so that a symlink is never followed.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise QMPSocketError(f"refusing to use QMP socket path {path}: it is a symbolic link")
-    if not stat.S_ISSOCK(st.st_mode):
-        raise QMPSocketError(
-            f"refusing to use QMP socket path {path}: it exists and is not a socket"
-        )
-    if st.st_uid != os.geteuid():
-        raise QMPSocketError(
-            f"refusing to use QMP socket path {path}: it is owned by uid {st.st_uid}"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)  # a listener with a full backlog makes connect() wait
-        probe.connect(path)
-    except ConnectionRefusedError:
-        log.info("removing stale QMP socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except FileNotFoundError:
-        return
-    except (TimeoutError, BlockingIOError):
-        pass
-    finally:
-        probe.close()
-    raise QMPSocketError(f"QMP socket {path} is in use")
-
-
-def _open_listener(path: str) -> tuple[socket.socket, int]:
-    """Bind and listen on ``path`` with mode 0600; return the socket and the file's inode.
-
-    The process umask is not touched: it is process-wide and the VM has other threads that
-    create files. On Linux, bind() gives the new file the mode of the socket inode, so an
-    fchmod() beforehand creates it 0600 directly. Elsewhere the chmod() after bind() is
-    still safe because nobody can connect before listen().
-    """
-    _claim_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    bound = False
-    try:
-        with contextlib.suppress(OSError):
-            os.fchmod(sock.fileno(), 0o600)
-        sock.bind(path)
-        bound = True
-        st = os.lstat(path)
-        if stat.S_IMODE(st.st_mode) != 0o600:
-            os.chmod(path, 0o600)
-        sock.listen(64)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        if bound:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise
-    return sock, st.st_ino
-
-
-# --------------------------------------------------------------------------------------
-# The server
-
-
 class _Client:
     """Per-connection state, touched only on the event loop thread."""
 
-    __slots__ = ("number", "writer", "negotiated", "task")
+    __slots__ = ("number", "writer", "negotiated", "task", "partial", "queued", "held")
 
     def __init__(self, number: int, writer: asyncio.StreamWriter) -> None:
         self.number = number
         self.writer = writer
         self.negotiated = False
         self.task: asyncio.Task[None] | None = None
+        self.partial = 0  # bytes of the message being received
+        self.queued = 0  # bytes of received requests not yet answered
+        self.held = 0  # partial + queued, as counted in the server's total
 
     def send(self, text: str) -> bool:
         """Queue one message; drop the client if it has stopped reading.
@@ -499,11 +131,11 @@ class _Client:
 
 
 class QMPServer:
-    """QMP server on a unix socket, running on its own event loop thread.
+    """QMP server on a unix or TCP socket, running on its own event loop thread.
 
     Typical use::
 
-        server = QMPServer("/run/vm1/qmp.sock")
+        server = QMPServer("unix:/run/vm1/qmp.sock")   # or "tcp:127.0.0.1:4444"
 
         @server.command("migrate-set-parameters")
         def set_params(max_bandwidth: int | None = None) -> None: ...
@@ -521,39 +153,55 @@ class QMPServer:
 
     def __init__(
         self,
-        path: str,
+        address: str,
         version: tuple[int, int, int] = DEFAULT_VERSION,
         *,
         package: str = "livemig",
         max_workers: int = 4,
+        max_clients: int = MAX_CLIENTS,
+        max_input_bytes: int = MAX_INPUT_BYTES,
+        event_rates: Mapping[str, tuple[float, str | None]] = QEMU_THROTTLED_EVENTS,
     ) -> None:
-        if path.startswith("unix:"):
-            path = path[len("unix:") :]
-        if not path:
+        if not address:
             raise ValueError("QMP socket path is empty")
+        try:
+            self._address = parse_address(address)
+        except QMPAddressError as e:
+            raise ValueError(str(e)) from None
         if len(version) != 3 or not all(isinstance(v, int) and v >= 0 for v in version):
             raise ValueError(f"QMP version must be three non-negative ints, got {version!r}")
-        self.path = path
+        #: The unix socket's path ("" for TCP).
+        self.path = self._address.path
         self.version = (version[0], version[1], version[2])
         self.package = package
+        self.max_clients = max_clients
+        self.max_input_bytes = max_input_bytes
+        self._event_rates = dict(event_rates)
         self._max_workers = max_workers
         self._lock = threading.Lock()
-        self._commands: dict[str, _Command] = {}
+        self._commands: dict[str, Command] = {}
         for name, func in (
             ("qmp_capabilities", self._qmp_capabilities),
             ("query-commands", self._query_commands),
             ("query-version", self._query_version),
         ):
-            self._commands[name] = _build_command(name, func, inline=True)
+            self._commands[name] = build_command(name, func, inline=True)
         self._state = "new"  # -> "running" -> "stopped"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stop_event: asyncio.Event | None = None
+        self._throttle: EventThrottle | None = None
         self._clients: set[_Client] = set()
         self._client_numbers = itertools.count(1)
+        self._input_held = 0
         self._socket_ino: int | None = None
         self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        """Where clients connect, as a QEMU address (the real port once a TCP server runs)."""
+        return str(self._address)
 
     # ---- registration
 
@@ -566,7 +214,7 @@ class QMPServer:
         """
         if not isinstance(name, str) or not name:
             raise ValueError("QMP command name must be a non-empty string")
-        cmd = _build_command(name, handler)
+        cmd = build_command(name, handler)
         with self._lock:
             if name in self._commands:
                 raise ValueError(f"QMP command {name!r} is already registered")
@@ -605,7 +253,7 @@ class QMPServer:
                 raise RuntimeError(f"QMP server cannot be started: it is {self._state}")
             self._state = "starting"
         try:
-            sock, self._socket_ino = _open_listener(self.path)
+            sock, self._socket_ino, self._address = open_listener(self._address)
         except BaseException:
             self._state = "new"
             raise
@@ -711,7 +359,11 @@ class QMPServer:
         if loop is None or self._state != "running":
             return
         with contextlib.suppress(RuntimeError):  # the loop closed under us: we are stopping
-            loop.call_soon_threadsafe(self._broadcast, text)
+            loop.call_soon_threadsafe(self._offer_event, event, data, text)
+
+    def _offer_event(self, event: str, data: dict[str, Any] | None, text: str) -> None:
+        if self._throttle is not None:
+            self._throttle.offer(event, data, text)
 
     def _broadcast(self, text: str) -> None:
         for client in list(self._clients):
@@ -757,8 +409,12 @@ class QMPServer:
 
     async def _serve(self, sock: socket.socket, ready: concurrent.futures.Future[None]) -> None:
         self._stop_event = asyncio.Event()
+        self._throttle = EventThrottle(asyncio.get_running_loop(), self._broadcast, self._event_rates)
         try:
-            server = await asyncio.start_unix_server(self._handle_client, sock=sock)
+            if sock.family == socket.AF_UNIX:
+                server = await asyncio.start_unix_server(self._handle_client, sock=sock)
+            else:
+                server = await asyncio.start_server(self._handle_client, sock=sock)
         except BaseException as exc:
             ready.set_exception(exc)
             return
@@ -786,12 +442,15 @@ class QMPServer:
         The bounded queue between the two is what stops reading from a client that floods
         requests faster than they are answered.
         """
+        if len(self._clients) >= self.max_clients:
+            await self._refuse(writer)
+            return
         client = _Client(next(self._client_numbers), writer)
         client.task = asyncio.current_task()
         self._clients.add(client)
         queue: asyncio.Queue[bytes | str | None] = asyncio.Queue(_REQUEST_QUEUE_LEN)
         answerer = asyncio.create_task(self._answer_requests(client, queue))
-        splitter = _JSONSplitter()
+        splitter = JSONSplitter()
         try:
             client.send(json.dumps(self._greeting()))
             while True:
@@ -803,8 +462,25 @@ class QMPServer:
                     break
                 try:
                     pieces = splitter.feed(data)
-                except _InputOverflow as exc:
-                    await queue.put(json.dumps(_error_reply(str(exc))))
+                except InputOverflow as exc:
+                    await queue.put(json.dumps(error_reply(str(exc))))
+                    break
+                client.partial = splitter.buffered
+                client.queued += sum(len(p) for p in pieces)
+                self._account(client)
+                if self._input_held > self.max_input_bytes:
+                    log.warning(
+                        "QMP client %d: clients hold %d bytes of unanswered input (limit "
+                        "%d); disconnecting it", client.number, self._input_held,
+                        self.max_input_bytes,
+                    )
+                    await queue.put(json.dumps(error_reply(
+                        f"QMP input limit reached: clients hold {self._input_held >> 20} MiB "
+                        f"of unanswered input (limit {self.max_input_bytes >> 20} MiB); "
+                        "disconnecting"
+                    )))
+                    client.partial = client.queued = 0
+                    self._account(client)
                     break
                 for piece in pieces:
                     await queue.put(piece)
@@ -819,8 +495,31 @@ class QMPServer:
             log.exception("QMP client %d: unexpected failure", client.number)
         finally:
             answerer.cancel()
+            client.partial = client.queued = 0
+            self._account(client)
             self._clients.discard(client)
             writer.close()
+
+    def _account(self, client: _Client) -> None:
+        """Bring the total of unanswered input (what the budget limits) up to date with
+        what ``client`` holds now: its partial message plus its queued requests."""
+        held = client.partial + client.queued
+        self._input_held += held - client.held
+        client.held = held
+
+    @property
+    def input_bytes_held(self) -> int:
+        """Unanswered input all clients hold right now (read on the loop thread)."""
+        return self._input_held
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """More clients than ``max_clients``: say why, instead of a greeting, and hang up."""
+        log.warning("QMP: refusing a client, %d are connected (limit)", len(self._clients))
+        desc = f"too many QMP clients ({len(self._clients)} connected, limit {self.max_clients})"
+        with contextlib.suppress(Exception):
+            writer.write(json.dumps(error_reply(desc)).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), 1.0)
+        writer.close()
 
     async def _answer_requests(
         self, client: _Client, queue: asyncio.Queue[bytes | str | None]
@@ -830,6 +529,9 @@ class QMPServer:
             if item is None:
                 return
             text = item if isinstance(item, str) else await self._execute(client, item)
+            if isinstance(item, bytes):
+                client.queued = max(client.queued - len(item), 0)
+                self._account(client)
             if client.send(text):
                 await client.drain()
 
@@ -840,10 +542,10 @@ class QMPServer:
         name = "?"
         reply: dict[str, Any]
         try:
-            req = _parse_json(piece)
+            req = parse_json(piece)
             if isinstance(req, dict) and "id" in req:
                 has_id, req_id = True, req["id"]
-            name, args = _check_envelope(req)
+            name, args = check_envelope(req)
             if not client.negotiated:
                 if name != "qmp_capabilities":
                     raise QMPError(_NEGOTIATION_EXPECTED, "CommandNotFound")
@@ -852,27 +554,27 @@ class QMPServer:
             cmd = self._commands.get(name)
             if cmd is None:
                 raise QMPError(f"The command {name} has not been found", "CommandNotFound")
-            kwargs = _bind_arguments(cmd, args)
+            kwargs = bind_arguments(cmd, args)
             if cmd.inline:
                 result = cmd.func(**kwargs)
             else:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._executor, _call_handler, cmd, kwargs)
+                result = await loop.run_in_executor(self._executor, call_handler, cmd, kwargs)
             if name == "qmp_capabilities":
                 client.negotiated = True
             reply = {"return": {} if result is None else result}
         except QMPError as exc:
-            reply = _error_reply(exc.desc, exc.cls)
+            reply = error_reply(exc.desc, exc.cls)
         except Exception as exc:
             log.exception("QMP command %s: internal error", name)
-            reply = _error_reply(f"internal error: {exc}")
+            reply = error_reply(f"internal error: {exc}")
         if has_id:
             reply["id"] = req_id
         try:
             return json.dumps(reply, allow_nan=False)
         except (TypeError, ValueError) as exc:
             log.error("QMP command %s returned a value that is not JSON: %s", name, exc)
-            reply = _error_reply(f"command {name} returned a value that is not valid JSON")
+            reply = error_reply(f"command {name} returned a value that is not valid JSON")
             if has_id:
                 reply["id"] = req_id
             return json.dumps(reply)
@@ -880,12 +582,5 @@ class QMPServer:
     def _remove_socket_file(self) -> None:
         """Unlink the socket file, but only if it is still the one we created."""
         ino, self._socket_ino = self._socket_ino, None
-        if ino is None:
-            return
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if stat.S_ISSOCK(st.st_mode) and st.st_ino == ino and st.st_uid == os.geteuid():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        if ino is not None:
+            remove_own_socket(self.path, ino)

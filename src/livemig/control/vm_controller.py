@@ -12,13 +12,14 @@ import logging
 import threading
 from typing import Any
 
+from livemig.control.convergence_commands import ConvergenceCommands
 from livemig.control.machine_commands import MachineCommands
 from livemig.control.postcopy_commands import PostcopyCommands
 from livemig.control.qmp_server import QMPError, QMPServer
 from livemig.devices.virtio_mem import VirtioMemError
 from livemig.machine import Machine
 from livemig.memory.discard_manager import Section
-from livemig.migration.channels import URIError, parse_uri
+from livemig.migration.channels import URIError, check_stream_path, parse_uri
 from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, MigrationConfigError, Parameters
 from livemig.migration.cpr.channels import parse_channels
@@ -34,7 +35,7 @@ from livemig.migration.transport.tls_errors import TLSConfigError
 log = logging.getLogger(__name__)
 
 
-class VMController(PostcopyCommands, MachineCommands):
+class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
     """Owns one machine and its migrations; registers the QMP commands."""
 
     def __init__(
@@ -106,6 +107,7 @@ class VMController(PostcopyCommands, MachineCommands):
             qmp.register(name, fn)
         self.register_postcopy(qmp)
         self.register_machine_commands(qmp)
+        self.register_convergence(qmp)
 
     # -- run state ------------------------------------------------------------------------------------
     def query_status(self) -> dict[str, Any]:
@@ -201,6 +203,7 @@ class VMController(PostcopyCommands, MachineCommands):
                 raise QMPError("The incoming migration is still running: not all memory is here yet")
             if self.machine.runstate in ("inmigrate", "shutdown"):
                 raise QMPError(f"Cannot migrate a VM in state '{self.machine.runstate}'")
+            self.check_not_blocked()
             try:
                 target = parse_uri(uri)
             except URIError as e:
@@ -242,6 +245,11 @@ class VMController(PostcopyCommands, MachineCommands):
             try:
                 target = parse_uri(uri)
                 tls = TLSServer.from_params(self.params, target)
+                if target.scheme == "file":  # a FIFO, /proc...: refused now, re-armable
+                    try:
+                        check_stream_path(target.path, must_exist=True)
+                    except OSError as e:
+                        raise URIError(f"file:{e.filename}: {e.strerror}") from e
                 self.incoming = incoming_migration(
                     self.machine, target, self.caps, self.emit, autostart=self.autostart, tls=tls,
                     params=self.params, cpr=self.cpr,
@@ -268,10 +276,10 @@ class VMController(PostcopyCommands, MachineCommands):
 
     def query_migrate(self) -> dict[str, Any]:
         if self.outgoing is not None:
-            return self.outgoing.info()
+            return self.with_blocked_reasons(self.outgoing.info())
         if self.incoming is not None:
-            return self.incoming.info()
-        return {}
+            return self.with_blocked_reasons(self.incoming.info())
+        return self.with_blocked_reasons({})
 
     def _config_change_allowed(self) -> None:
         if self.outgoing is not None and self.outgoing.is_running():
@@ -298,6 +306,14 @@ class VMController(PostcopyCommands, MachineCommands):
         tls_authz: str | None = None,
         x_file_overwrite: bool | None = None,
         max_postcopy_bandwidth: int | None = None,
+        throttle_trigger_threshold: int | None = None,
+        cpu_throttle_initial: int | None = None,
+        cpu_throttle_increment: int | None = None,
+        cpu_throttle_tailslow: bool | None = None,
+        max_cpu_throttle: int | None = None,
+        x_vcpu_dirty_limit_period: int | None = None,
+        vcpu_dirty_limit: int | None = None,
+        avail_switchover_bandwidth: int | None = None,
         mode: str | None = None,
         direct_io: bool | None = None,
     ) -> None:
@@ -311,6 +327,14 @@ class VMController(PostcopyCommands, MachineCommands):
             "tls-authz": tls_authz,
             "x-file-overwrite": x_file_overwrite,
             "max-postcopy-bandwidth": max_postcopy_bandwidth,
+            "throttle-trigger-threshold": throttle_trigger_threshold,
+            "cpu-throttle-initial": cpu_throttle_initial,
+            "cpu-throttle-increment": cpu_throttle_increment,
+            "cpu-throttle-tailslow": cpu_throttle_tailslow,
+            "max-cpu-throttle": max_cpu_throttle,
+            "x-vcpu-dirty-limit-period": x_vcpu_dirty_limit_period,
+            "vcpu-dirty-limit": vcpu_dirty_limit,
+            "avail-switchover-bandwidth": avail_switchover_bandwidth,
             "mode": mode,
             "direct-io": direct_io,
         }

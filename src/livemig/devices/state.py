@@ -105,10 +105,28 @@ class StateSection:
 
 
 class StateRegistry:
-    """The sections of one machine, in registration order (the order of the stream)."""
+    """The sections of one machine, in registration order (the order of the stream).
+
+    It also holds the machine's *migration blockers* (QEMU's ``migrate_add_blocker``):
+    reasons, in words, why the machine cannot be migrated right now. While there is one,
+    ``migrate`` is refused with it and ``query-migrate`` lists them in ``blocked-reasons``.
+    """
 
     def __init__(self) -> None:
         self._sections: list[StateSection] = []
+        self._blockers: list[str] = []
+
+    def add_blocker(self, reason: str) -> None:
+        self._blockers.append(reason)
+
+    def remove_blocker(self, reason: str) -> None:
+        if reason in self._blockers:
+            self._blockers.remove(reason)
+
+    @property
+    def blockers(self) -> list[str]:
+        """The reasons, newest first (QEMU's ``blocked-reasons`` order)."""
+        return list(reversed(self._blockers))
 
     def register(self, section: StateSection) -> StateSection:
         key = (section.idstr, section.instance_id)

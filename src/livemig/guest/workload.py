@@ -3,7 +3,9 @@
 Each vCPU loop iteration writes one batch of pages with a single numpy assignment through
 the accelerator (which logs them dirty). Knobs mirror what a migration test wants to vary:
 working-set size, dirty rate and page content (random, zeros, or a mix, so zero-page
-detection has something to find).
+detection has something to find). The dirty rate is per second a vCPU *runs*: time a
+throttled vCPU sleeps (``accel.throttle``: auto-converge, dirty-limit) does not count, so
+a throttled guest dirties less, as a CPU-bound guest would.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -109,11 +112,13 @@ class Workload:
         cfg = self.config
         rng = np.random.default_rng(cfg.seed * 1000 + index + 1)
         per_vcpu_rate = cfg.dirty_rate / cfg.vcpus if cfg.dirty_rate > 0 else 0
-        budget_start = time.monotonic()
+        # the rate is per second the vCPU runs: time in throttle sleeps does not count
+        clock = partial(pauser.throttle.clock, index)
+        budget_start = clock()
         written_bytes = 0
         while pauser.checkpoint():
             if self._do_fill(rng):
-                budget_start, written_bytes = time.monotonic(), 0
+                budget_start, written_bytes = clock(), 0
                 continue
             if cfg.dirty_rate == 0:
                 time.sleep(0.005)
@@ -124,11 +129,11 @@ class Workload:
                 continue
             written_bytes += n * 4096
             if per_vcpu_rate:
-                ahead = written_bytes / per_vcpu_rate - (time.monotonic() - budget_start)
+                ahead = written_bytes / per_vcpu_rate - (clock() - budget_start)
                 if ahead > 0:
                     time.sleep(min(ahead, 0.05))
                 elif ahead < -1.0:  # do not bank credit across a long pause
-                    budget_start, written_bytes = time.monotonic(), 0
+                    budget_start, written_bytes = clock(), 0
 
     def _do_fill(self, rng: np.random.Generator) -> bool:
         job = self._take_fill(2048)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -369,6 +369,18 @@ class Machine:
 
     def vcpu_native_ids(self) -> list[int]:
         return [int(t) for t in self.accel.vcpu_native_ids()]
+
+    @property
+    def vcpu_count(self) -> int:
+        return self.config.workload.vcpus
+
+    def throttle_vcpus(self, shares: Sequence[float] | float) -> None:
+        """Each vCPU sleeps ``shares`` (or ``shares[i]``) of its time; 0 = full speed."""
+        self.accel.throttle.set(shares)
+
+    def vcpu_dirty_pages(self) -> list[int] | None:
+        """Pages each vCPU has dirtied, if the accelerator can tell (``accel.throttle``)."""
+        return self.accel.throttle.dirty_pages(self.vcpu_count)
 
     # -- inspection ------------------------------------------------------------------------------
     def checksum(self) -> str:

@@ -52,6 +52,8 @@ from livemig.migration.stream.format import RAM_IDSTR, RAM_VERSION, MigCommand, 
 from livemig.migration.stream.qemu_file import QEMUFileWriter, StreamError
 from livemig.migration.stream.return_channel import Handler, ReturnPathReader
 from livemig.migration.stream.sections import SectionTable
+from livemig.migration.switchover import SwitchoverEstimate, SwitchoverGate
+from livemig.migration.throttle import MigrationThrottle
 from livemig.migration.transport.tls import TLSClient
 
 log = logging.getLogger(__name__)
@@ -121,8 +123,9 @@ class OutgoingMigration:
         self.config_desc: dict[str, Any] | None = None
         self.setup_time = 0
         self.downtime: int | None = None
-        self.expected_downtime = 0
-        self.bandwidth = 0.0  # bytes/s, measured over the last pass
+        self.estimate = SwitchoverEstimate(params)  # bandwidth, expected-downtime, converged?
+        self.throttle = MigrationThrottle(vm, caps, params)  # auto-converge, dirty-limit
+        self.gate = SwitchoverGate(self.job, lambda: bool(caps["pause-before-switchover"]))
         self.mode: SourceMode = (mode or Precopy)(self)
         self.postcopy: Any = None  # the postcopy mode, for its QMP commands
         self._attach_channels = channels  # multifd: opens its channels, takes over the sink
@@ -136,6 +139,15 @@ class OutgoingMigration:
     @property
     def status(self) -> str:
         return self.job.status
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes/s, measured over the last window or pass."""
+        return self.estimate.bandwidth
+
+    @property
+    def expected_downtime(self) -> int:
+        return self.estimate.expected_downtime
 
     @property
     def error_desc(self) -> str | None:
@@ -153,6 +165,7 @@ class OutgoingMigration:
             if mr.rdm is not None:
                 hold = mr.rdm.hold_state(f"migration to {self.uri}")
                 self.job.on_cleanup("discard manager hold", hold.release)
+        self.job.on_cleanup("vCPU throttle", self.throttle.stop)  # full speed, whatever the end
         self.job.start(self._body, self._recover, "migration-src", self._explain)
 
     def is_running(self) -> bool:
@@ -191,6 +204,7 @@ class OutgoingMigration:
         self.mode.run()
 
     def _recover(self, final: str) -> None:
+        self.throttle.stop()
         self.mode.recover(final)
         log_ = self.vm.dirty_log
         if log_.active:
@@ -327,6 +341,7 @@ class OutgoingMigration:
         savevm.write_footer(w, self.ram_id)
         self.sections.write_early(w)
         w.flush()
+        self.throttle.start(w.bytes_written)
         self.setup_time = int((time.monotonic() - self.job.start_time) * 1000)
         self.job.move(status.ACTIVE, status.SETUP)
 
@@ -356,26 +371,27 @@ class OutgoingMigration:
         return done
 
     def iterate(self, stop: Callable[[], bool] = lambda: False) -> bool:
-        """PART sections until the rest fits in ``downtime-limit`` (True) or ``stop()``."""
-        w = self.writer
-        pass_start, pass_bytes = time.monotonic(), w.bytes_written
+        """PART sections until the rest fits in ``downtime-limit`` (True) or ``stop()``.
+
+        After each sync the throttle (auto-converge, dirty-limit) judges the pass that
+        ended; the estimate (``migration.switchover``) decides whether to switch over.
+        """
+        w, est, ram = self.writer, self.estimate, self.ram
+        est.start_pass(w.bytes_written)
         while True:
             self.check_cancel()
             if stop():
                 return False
             done = self.send_ram_section(SectionType.PART, self.rate.slice_bytes())
             self.rate.wait(w.bytes_written, self.job.cancel_requested.wait)
+            est.after_section(w.bytes_written, ram.remaining_bytes, ram.stats.dirty_pages_rate)
+            self.throttle.tick()
             if not done:
                 continue
-            now = time.monotonic()
-            self.bandwidth = (w.bytes_written - pass_bytes) / max(now - pass_start, 1e-6)
-            pass_start, pass_bytes = now, w.bytes_written
-            self.ram.sync()
+            new = ram.sync()
             self.pass_event()
-            remaining = self.ram.remaining_bytes
-            bw_est = self.bandwidth if self.bandwidth > 0 else 1e9
-            self.expected_downtime = int(remaining / bw_est * 1000)
-            if remaining <= bw_est * self.params.downtime_limit / 1000:
+            self.throttle.after_sync(new, w.bytes_written)
+            if est.end_pass(w.bytes_written, ram.remaining_bytes):
                 return True
 
     def stop_guest_and_sync(self, runstate: str, new_status: str) -> float:
@@ -383,6 +399,7 @@ class OutgoingMigration:
         stopped (for the downtime)."""
         stop_at = time.monotonic()
         self.guest.stop(runstate)
+        self.gate.wait(self.check_cancel)  # pause-before-switchover: until migrate-continue
         if not self.job.move(new_status, (status.ACTIVE, status.PRE_SWITCHOVER)):
             self.job.check_cancel()
         self.ram.last_stage = True
@@ -434,6 +451,7 @@ class OutgoingMigration:
             out["downtime"] = self.downtime
         elif job.status not in status.FINISHED:
             out["expected-downtime"] = self.expected_downtime
+        self.throttle.info(out)
         out["ram"] = {
             "transferred": transferred,
             "remaining": self.ram.remaining_bytes,

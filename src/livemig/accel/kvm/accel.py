@@ -48,6 +48,7 @@ from livemig.accel.kvm.cpu_state import GENERAL_REGS, VcpuStateAccess, cpu_state
 from livemig.accel.kvm.runner import VcpuRunner
 from livemig.accel.kvm.user_guest import apply_start, set_guest_cpuid
 from livemig.accel.kvm.vm import KvmDirtyLog, KvmError, KvmVm, VcpuExit, ensure_kick_signal
+from livemig.accel.throttle import VcpuThrottle
 from livemig.devices.state import StateRegistry
 from livemig.guest.boot_image import BootImage
 from livemig.memory import hostmem
@@ -198,6 +199,7 @@ class KvmAccel:
         pages the guest agent found in unplugged blocks (see ``KvmGuestAgent``)."""
         self.layout = gp.DEFAULT_LAYOUT
         self.runner: VcpuRunner | None = None
+        self.throttle = VcpuThrottle()  # auto-converge / dirty-limit: the runner paces it
         self.interrupt = threading.Event()
         self.closed = False
         self.boot = boot
@@ -353,6 +355,7 @@ class KvmAccel:
             halt_on_hlt=user,
             halted=self.start_halted,
             all_exits=user,
+            pace=lambda: self.throttle.pace(0),
         )
         self.runner.start(paused=True)
 
@@ -384,6 +387,7 @@ class KvmAccel:
             if r is None:
                 return
             self.interrupt.set()
+            self.throttle.wake()
             try:
                 r.pause(timeout)
             finally:
@@ -411,6 +415,7 @@ class KvmAccel:
             return
         self.closed = True
         self.interrupt.set()
+        self.throttle.wake()
         if self.runner is not None:
             try:
                 self.runner.stop()

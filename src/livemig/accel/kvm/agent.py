@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 from livemig.accel.kvm import guest_program as gp
 from livemig.accel.kvm.accel import PAGE, KvmAccel
@@ -72,7 +73,10 @@ class KvmGuestAgent:
         self.fill_done.set()
         self._table_gen = -1  # usable.generation that ``table`` reflects
         self._cv = threading.Condition()
-        self._pass_start = time.monotonic()
+        # pass times on the vCPU's clock: throttle sleeps (accel.throttle) do not count,
+        # so the rate is per second the guest runs and a throttled guest dirties less
+        self._clock = partial(accel.throttle.clock, 0)
+        self._pass_start = self._clock()
         self._warned_capacity = False
         usable.quiesce_hook = self.quiesce
 
@@ -92,7 +96,7 @@ class KvmGuestAgent:
 
     # -- pass exits ---------------------------------------------------------------------------
     def _pass_exit(self, heartbeat: int) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self.counter = heartbeat
         self.pages_written += self.table_pages
         self.accel.discarded_writes += self.accel.count_discarded(self.table)
@@ -101,7 +105,7 @@ class KvmGuestAgent:
         self._sync_table(heartbeat)
         self._rest(self._rest_time(now))
         self._sync_table(heartbeat)  # the table may have changed while resting
-        self._pass_start = time.monotonic()
+        self._pass_start = self._clock()
 
     def _rest_time(self, now: float) -> float:
         rate = self.config.dirty_rate

@@ -52,9 +52,11 @@ class VcpuRunner:
         halt_on_hlt: bool = False,
         halted: bool = False,
         all_exits: bool = False,
+        pace: Callable[[], object] | None = None,
     ):
         self.vcpu = vcpu
         self.on_exit = on_exit
+        self.pace = pace  # before each KVM_RUN: a throttled vCPU sleeps here (accel.throttle)
         self.halt_on_hlt = halt_on_hlt
         self.halted = halted
         """Stopped in HLT (``halt_on_hlt``); set or cleared by others only while parked."""
@@ -184,6 +186,8 @@ class VcpuRunner:
         ex: VcpuExit | None = None
         try:
             while True:
+                if self.pace is not None and not self.halted:
+                    self.pace()  # kept out of KVM_RUN for its throttle share
                 with self._cv:
                     if self._should_park(ex) and not self._stop:
                         self.vcpu.cancel_kick()  # a kick that came too late

@@ -41,6 +41,7 @@ KNOWN_CAPABILITIES = (
 )
 SUPPORTED_CAPABILITIES = ("events", "return-path", "multifd", "zero-copy-send", "background-snapshot")
 SUPPORTED_CAPABILITIES += ("postcopy-ram", "postcopy-blocktime", "postcopy-preempt")
+SUPPORTED_CAPABILITIES += ("auto-converge", "dirty-limit", "pause-before-switchover")
 SUPPORTED_CAPABILITIES += ("mapped-ram",)
 STREAM_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
 """Capabilities that change the stream format: the configuration section names the ones
@@ -113,6 +114,10 @@ class Capabilities:
             raise MigrationConfigError("postcopy-ram together with multifd is not supported by livemig")
         if staged["background-snapshot"]:
             check_background_snapshot(staged, self.write_tracking)
+        if staged["dirty-limit"] and staged["auto-converge"]:  # QEMU's words, typo included
+            raise MigrationConfigError(
+                "dirty-limit conflicts with auto-converge either of then available currently"
+            )
         if staged["mapped-ram"] and staged["xbzrle"]:
             raise MigrationConfigError("Mapped-ram migration is incompatible with xbzrle")
         self.enabled = staged
@@ -132,6 +137,15 @@ class Parameters:
     tls_authz: str = ""  # comma-separated client certificate names accepted; "" = any
     x_file_overwrite: bool = False  # a file: target may replace an existing regular file
     max_postcopy_bandwidth: int = 0  # bytes/s of the background push in postcopy; 0 = unlimited
+    # convergence (migration.throttle), QEMU's defaults
+    throttle_trigger_threshold: int = 50  # % of the bytes sent that dirtying may reach
+    cpu_throttle_initial: int = 20  # % auto-converge starts at
+    cpu_throttle_increment: int = 10  # % added at each further trigger
+    cpu_throttle_tailslow: bool = False  # smaller steps near the end
+    max_cpu_throttle: int = 99
+    x_vcpu_dirty_limit_period: int = 1000  # ms between dirty-limit adjustments
+    vcpu_dirty_limit: int = 1  # MB/s per vCPU under dirty-limit
+    avail_switchover_bandwidth: int = 0  # bytes/s the switchover may use; 0 = as measured
     mode: str = "normal"  # QEMU's MigMode: normal or cpr-transfer (migration/cpr/)
     direct_io: bool = False  # O_DIRECT for the page data of mapped-ram files
 
@@ -152,9 +166,26 @@ class Parameters:
         "max-postcopy-bandwidth": ("max_postcopy_bandwidth", 0, 1 << 62),
     }
 
+    # QEMU's QAPI types of the convergence parameters (range checks: check_convergence)
+    _QAPI_FIELDS: ClassVar[dict[str, tuple[str, str]]] = {
+        "throttle-trigger-threshold": ("throttle_trigger_threshold", "uint8"),
+        "cpu-throttle-initial": ("cpu_throttle_initial", "uint8"),
+        "cpu-throttle-increment": ("cpu_throttle_increment", "uint8"),
+        "cpu-throttle-tailslow": ("cpu_throttle_tailslow", "bool"),
+        "max-cpu-throttle": ("max_cpu_throttle", "uint8"),
+        "x-vcpu-dirty-limit-period": ("x_vcpu_dirty_limit_period", "uint64"),
+        "vcpu-dirty-limit": ("vcpu_dirty_limit", "uint64"),
+        "avail-switchover-bandwidth": ("avail_switchover_bandwidth", "uint64"),
+    }
+
     def set(self, changes: dict[str, Any]) -> None:
+        """Validate every change, then QEMU's checks on the result, then apply all."""
         staged: dict[str, Any] = {}
         for key, value in changes.items():
+            if key in self._QAPI_FIELDS:
+                attr, kind = self._QAPI_FIELDS[key]
+                staged[attr] = qapi_value(key, kind, value)
+                continue
             if key in self._OTHER_FIELDS:
                 attr, kind = self._OTHER_FIELDS[key]
                 if type(value) is not kind:
@@ -178,10 +209,51 @@ class Parameters:
                     f"Parameter '{key}' expects a value between {lo} and {hi}"
                 )
             staged[attr] = value
+        check_convergence({**{a: getattr(self, a) for a, _ in self._QAPI_FIELDS.values()}, **staged})
         for attr, value in staged.items():
             setattr(self, attr, value)
 
     def query(self) -> dict[str, Any]:
         out: dict[str, Any] = {key: getattr(self, attr) for key, (attr, _, _) in self._FIELDS.items()}
         out.update({key: getattr(self, attr) for key, (attr, _) in self._OTHER_FIELDS.items()})
+        out.update({key: getattr(self, attr) for key, (attr, _) in self._QAPI_FIELDS.items()})
         return out
+
+
+_UINT_MAX = {"uint8": 0xFF, "uint64": (1 << 64) - 1}
+
+
+def qapi_value(key: str, kind: str, value: Any) -> Any:
+    """A parameter as QEMU's QMP input visitor takes it: a JSON boolean for ``bool``;
+    for unsigned types an integer, negative ones wrapped to 64 bits as QEMU does, then
+    checked against the type's maximum."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise MigrationConfigError(f"Invalid parameter type for '{key}', expected: boolean")
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MigrationConfigError(f"Invalid parameter type for '{key}', expected: uint64")
+    value &= _UINT_MAX["uint64"]
+    if value > _UINT_MAX[kind]:
+        raise MigrationConfigError(f"Parameter '{key}' expects {kind}_t")
+    return value
+
+
+def check_convergence(p: dict[str, Any]) -> None:
+    """QEMU's ``migrate_params_check`` for the convergence parameters, in its order and
+    words, on the values as they would be after the change."""
+    def bad(name: str, what: str) -> MigrationConfigError:
+        return MigrationConfigError(f"Parameter '{name}' expects {what}")
+
+    if not 1 <= p["throttle_trigger_threshold"] <= 100:
+        raise bad("throttle_trigger_threshold", "an integer in the range of 1 to 100")
+    if not 1 <= p["cpu_throttle_initial"] <= 99:
+        raise bad("cpu_throttle_initial", "an integer in the range of 1 to 99")
+    if not 1 <= p["cpu_throttle_increment"] <= 99:
+        raise bad("cpu_throttle_increment", "an integer in the range of 1 to 99")
+    if not p["cpu_throttle_initial"] <= p["max_cpu_throttle"] <= 99:
+        raise bad("max_cpu_throttle", "an integer in the range of cpu_throttle_initial to 99")
+    if not 1 <= p["x_vcpu_dirty_limit_period"] <= 1000:
+        raise bad("x-vcpu-dirty-limit-period", "a value between 1 and 1000")
+    if p["vcpu_dirty_limit"] < 1:
+        raise MigrationConfigError("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s")

@@ -41,7 +41,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     NONE: frozenset({SETUP}),
     SETUP: frozenset({ACTIVE, POSTCOPY_ACTIVE}),
     ACTIVE: frozenset({PRE_SWITCHOVER, DEVICE, POSTCOPY_DEVICE, POSTCOPY_ACTIVE}),
-    PRE_SWITCHOVER: frozenset({DEVICE}),
+    PRE_SWITCHOVER: frozenset({DEVICE, POSTCOPY_DEVICE}),  # pause-before-switchover
     DEVICE: frozenset(),
     POSTCOPY_DEVICE: frozenset({POSTCOPY_ACTIVE}),
     POSTCOPY_ACTIVE: frozenset({POSTCOPY_PAUSED}),

@@ -7,7 +7,7 @@ the VM's components registered, and run control. ``livemig.machine.Machine`` is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from livemig.devices.state import StateRegistry
@@ -45,4 +45,18 @@ class MigratableVM(Protocol):
 
     def vcpu_native_ids(self) -> list[int]:
         """Kernel thread ids of the vCPUs (postcopy's per-vCPU blocktime)."""
+        ...
+
+    @property
+    def vcpu_count(self) -> int: ...
+
+    def throttle_vcpus(self, shares: Sequence[float] | float) -> None:
+        """Slow the guest down: every vCPU (``shares``) or vCPU ``i`` (``shares[i]``)
+        sleeps that share of its time, 0 = full speed, until the next call (auto-converge
+        and dirty-limit; the accelerator keeps the vCPU thread out of the guest)."""
+        ...
+
+    def vcpu_dirty_pages(self) -> list[int] | None:
+        """Pages each vCPU has dirtied so far, where the accelerator can attribute writes
+        to vCPUs (QEMU: KVM's dirty ring); None where it cannot (a bitmap log)."""
         ...

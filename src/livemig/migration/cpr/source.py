@@ -163,6 +163,7 @@ class CprTransferSource:
         w = out.writer
         stop_at = time.monotonic()
         out.guest.stop("finish-migrate")
+        out.gate.wait(out.check_cancel)  # pause-before-switchover: until migrate-continue
         if not out.job.move(status.DEVICE, (status.ACTIVE, status.PRE_SWITCHOVER)):
             out.job.check_cancel()
         precopy_bytes = w.bytes_written

@@ -398,7 +398,10 @@ class PostcopyIncoming:
         st = self.handler.stats() if self.state in (LISTENING, RUNNING) else self.handler.last_stats
         pl = self.placer
         out: dict[str, Any] = {
-            "postcopy-requests": st.get("requests", 0),
+            # requests that went out: the handler's own count with a postcopy channel (it
+            # sends them); without one, what the return path carried — the handler also
+            # counts requests the load's end made moot before they could be forwarded
+            "postcopy-requests": st.get("requests", 0) if self.preempt else self.link.forwarded,
             "postcopy-local-zero-pages": st.get("local-zero-pages", 0),
             "postcopy-urgent-pages": st.get("pages-placed", 0),
             "postcopy-duplicate-pages": st.get("pages-existed", 0) + (pl.loaded_existed if pl else 0),

@@ -64,6 +64,7 @@ class DestinationRecovery:
         self.preempt = bool(inc.caps["postcopy-preempt"])
         self.chan: Any = None  # the postcopy channel, until the next pause
         self.recoveries = 0
+        self.forwarded = 0  # page requests sent on the main return path (no postcopy channel)
         self.eos = threading.Event()  # the source's last urgent page arrived
         self.lost_why: str | None = None
         self._lost = threading.Event()
@@ -114,6 +115,7 @@ class DestinationRecovery:
             last = idstr
         try:
             self.inc.send_rp(b"".join(msgs))
+            self.forwarded += len(msgs)
         except (OSError, StreamError) as e:
             self.channel_lost(f"return path: {e.strerror if isinstance(e, OSError) else e}")
 

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
+from livemig.cli.errors import ArgumentParser
 from livemig.inspect import (
     CommandReport,
     SectionReport,
@@ -34,6 +35,7 @@ from livemig.inspect import (
     check_discard,
     inspect_stream,
 )
+from livemig.migration.channels import check_stream_path
 from livemig.migration.stream.qemu_file import StreamError
 
 EXIT_OK = 0
@@ -46,7 +48,7 @@ SHOW_VIOLATIONS = 50
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="livemig inspect",
         description="Read a migration stream file written by livemig or QEMU and report "
         "its sections, RAM page records per block and virtio-mem state.",
@@ -320,6 +322,8 @@ def main(
         return EXIT_DAMAGED if e.code else EXIT_OK
     path = args.file
     try:
+        # a FIFO would block the open, a device or /proc file is no stream: refuse first
+        check_stream_path(path, must_exist=True)
         report = inspect_stream(path)
         violations = check_discard(report) if args.check_discard else None
     except StreamError as e:
@@ -365,6 +369,3 @@ def main(
         )
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
