@@ -1,10 +1,10 @@
 """Which helper modules the helper launcher preloads, by name.
 
 By name, not imported, so that ``livemig vm`` can start its launcher
-(:mod:`livemig.migration.core.helpers`) as its very first step, before it imports the
-heavy parts of livemig itself (numpy, the machine, the migration engine: about 0.25 s):
-the launcher's interpreter and imports run meanwhile, on the other CPU, and are done
-before the VM's QMP socket takes a ``migrate-incoming``.
+(:mod:`livemig.migration.core.helpers`) as its command's very first step, before it
+imports the machine, QMP and the migration engine (about 0.15 s, plus the machine's
+set-up): the launcher's interpreter and imports run meanwhile, on the other CPU, and are
+done before the VM's QMP socket takes a ``migrate-incoming``.
 
 Preloaded: the helpers whose start is urgent, in order — instant restore's fault handler
 (the guest is meant to run within 100 ms of ``migrate-incoming``) and postcopy's (started

@@ -22,7 +22,7 @@ two-CPU development machine, where instant restore is meant to run the guest wit
 100 ms of ``migrate-incoming`` (``benchmarks/bench_helpers.py``).
 
 **The launcher: a fork server.** Once per VM process, early — as the first step of
-``livemig vm``, else when a VM's controller is made (:func:`prestart`), else at the first
+the ``livemig vm`` command, else when a VM's controller is made (:func:`prestart`), else at the first
 helper (:func:`launcher`) — ``python -m livemig.migration.core.helpers`` is started with
 ``Popen``: a fresh interpreter, off any migration's critical path. It imports the modules
 it is given to preload (one at a time, in the order given, serving any request that
