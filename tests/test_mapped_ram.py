@@ -533,6 +533,7 @@ def test_instant_restore_faults_bring_the_right_pages(small: Path, monkeypatch: 
     m, ctl = restore(256 * MiB, small, "mapped-ram", "postcopy-ram")
     try:
         wait_for(lambda: ctl.query_migrate()["status"] == "postcopy-active", 30, "the guest started")
+        check_restore_handler(ctl, small)
         # a page not yet in is a hole of the memfd: a checksum, which reads only data
         # extents, would see zeros; read every page with defined content (GIL-free: the
         # faults are served by the handler process) and then compare
@@ -550,6 +551,24 @@ def test_instant_restore_faults_bring_the_right_pages(small: Path, monkeypatch: 
     finally:
         gate.set()
         m.close()
+
+
+def check_restore_handler(ctl: VMController, path: Path) -> None:
+    """issue 17: the fault handler is a fork of the one-threaded helper launcher, not of
+    this multi-threaded process, and holds the userfaultfd, the file and its control
+    socket — none of the guest's memfds, no other socket."""
+    from livemig.migration.core.helpers import launcher
+
+    handler = ctl.incoming.postcopy.handler
+    assert handler is not None
+    with open(f"/proc/{handler.pid}/status") as f:
+        assert f"PPid:\t{launcher().pid}" in f.read().splitlines() and launcher().pid != os.getpid()
+    with open(f"/proc/{launcher().pid}/status") as f:
+        assert "Threads:\t1" in f.read().splitlines()
+    fds = {int(n): os.readlink(f"/proc/{handler.pid}/fd/{n}") for n in os.listdir(f"/proc/{handler.pid}/fd")}
+    assert len(fds) == 3 + 3, fds
+    assert sorted(t.split("[")[0] for fd, t in fds.items() if fd > 2) == sorted(
+        [str(path), "anon_inode:", "socket:"]), fds
 
 
 def touch_all(m: Machine) -> None:

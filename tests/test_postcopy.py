@@ -380,6 +380,31 @@ def test_postcopy_over_tls_with_recovery(pair, tmp_path) -> None:  # noqa: ANN00
     assert cs.query_migrate()["ram"]["postcopy-requests"] > 0
 
 
+def descriptors(pid: int) -> list[str]:
+    """What each open descriptor of process ``pid`` refers to, in descriptor order."""
+    out = []
+    for fd in sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd")):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def check_helper(pid: int, name: str) -> None:
+    """issue 17: a helper is a fork of the one-threaded helper launcher, not of this
+    multi-threaded process."""
+    from livemig.migration.core.helpers import launcher
+
+    with open(f"/proc/{pid}/status") as f:
+        status = f.read().splitlines()
+    assert f"PPid:\t{launcher().pid}" in status and launcher().pid != os.getpid()
+    with open(f"/proc/{launcher().pid}/status") as f:
+        assert "Threads:\t1" in f.read().splitlines()
+    with open(f"/proc/{pid}/comm") as f:
+        assert f.read().strip() == name
+
+
 def test_fault_handler_death_pauses_and_recovers(pair) -> None:  # noqa: ANN001
     """The handler process is killed mid-postcopy: a new one takes over, threads that were
     waiting fault again, the migration pauses (the postcopy channel's position is lost)
@@ -391,7 +416,17 @@ def test_fault_handler_death_pauses_and_recovers(pair) -> None:  # noqa: ANN001
     cs.params.set({"max-postcopy-bandwidth": 8 * MiB})
     start_postcopy(cs, cd, str(cd.incoming.uri))
     wait_for(lambda: mirror.writes > 500, what="guest activity")
-    cd.incoming.postcopy.handler.proc.kill()
+    proc = cd.incoming.postcopy.handler.proc
+    assert proc is not None
+    check_helper(proc.pid, "postcopy-faults")
+    fds = descriptors(proc.pid)
+    # beside stdin, stdout and stderr: the userfaultfd, the received map (mmap keeps a
+    # descriptor), the control socket and the postcopy channel — no guest memory of either
+    # VM in this process, no other socket
+    assert len(fds) == 3 + 4, fds
+    assert sorted(t.split("[")[0] for t in fds[3:]) == [
+        "/memfd:livemig:postcopy-received (deleted)", "anon_inode:", "socket:", "socket:"], fds
+    proc.kill()
     wait_for(lambda: cs.outgoing.status == "postcopy-paused" and cd.incoming.status == "postcopy-paused",
              what="both paused")
     cd.migrate_recover("tcp:127.0.0.1:0")

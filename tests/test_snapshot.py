@@ -1,6 +1,6 @@
 """Background snapshots (``background-snapshot``) with real userfaultfd write protection.
 
-The snapshot writer is a separate process, spawned (``python -m ...writer``), not forked. Protected memory is written by the soft
+The snapshot writer is a separate process, forked from the helper launcher, not from the VM process. Protected memory is written by the soft
 guest's vCPUs, by plain Python threads through ``accel.write``, by a thread storing with
 numpy while it holds the GIL (the case in which a fault handler that needed this
 interpreter would deadlock), and by a KVM guest inside ``KVM_RUN``.
@@ -255,8 +255,8 @@ def test_cancel_and_writer_death_release_the_guest(tmp_path: Path) -> None:
             assert info["status"] == ("cancelled" if how == "cancel" else "failed"), info
             if how == "kill":
                 assert "snapshot writer died (signal 9)" in info["error-desc"]
-            with pytest.raises(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+            # gone and reaped (by the helper launcher, its parent), not a zombie
+            assert not os.path.exists(f"/proc/{pid}"), pid
             # every page is writable again: the guest writes on, and so does this thread
             goal = src.workload.pages_written + 5000
             wait_for(lambda g=goal: src.workload.pages_written > g, what=f"writes after {how}")
@@ -280,12 +280,14 @@ def writer_descriptors(pid: int) -> list[str]:
     return out
 
 
-def test_the_writer_is_a_fresh_process_not_a_fork_of_the_vm(tmp_path: Path) -> None:
+def test_the_writer_is_forked_from_the_launcher_not_from_the_vm(tmp_path: Path) -> None:
     """issue 17: a fork of the multi-threaded VM process keeps every lock another thread
-    held at that moment, and every descriptor of the VM process. The writer is an exec'd
-    interpreter: its command line is its own, and it holds only what the set-up gave it —
-    not the other VM's memory in this process, not this process's sockets — and no
-    mapping of guest RAM."""
+    held at that moment, and every descriptor of the VM process. The writer is a fork of
+    the helper launcher (a fresh interpreter with one thread): its parent is the launcher,
+    and it holds only what the set-up gave it — not the other VM's memory in this
+    process, not this process's sockets — and no mapping of guest RAM."""
+    from livemig.migration.core.helpers import launcher
+
     src, other = machine(False), machine(True, dirty_rate=0)
     try:
         cs = VMController(src)
@@ -295,16 +297,22 @@ def test_the_writer_is_a_fresh_process_not_a_fork_of_the_vm(tmp_path: Path) -> N
         cs.migrate(f"file:{tmp_path / 'fresh.stream'}")
         assert snap(cs).protected.wait(30)
         pid = snap(cs).writer_pid
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        assert b"livemig.migration.snapshot.writer" in argv, argv
+        assert pid != os.getpid() and threading.active_count() > 1  # this process has threads
+        with open(f"/proc/{pid}/comm") as f:
+            assert f.read().strip() == "snapshot-writer"
         with open(f"/proc/{pid}/status") as f:
-            assert f"PPid:\t{os.getpid()}" in f.read().splitlines()
+            assert f"PPid:\t{launcher().pid}" in f.read().splitlines()
+        with open(f"/proc/{launcher().pid}/cmdline", "rb") as f:
+            assert b"livemig.migration.core.helpers" in f.read().split(b"\0")
+        with open(f"/proc/{launcher().pid}/status") as f:
+            assert "Threads:\t1" in f.read().splitlines()
         fds = writer_descriptors(pid)
         memfds = sorted(t for t in fds if t.startswith("/memfd:livemig:"))
         # the source's fd-backed blocks (for SEEK_DATA), never the other VM's
         assert memfds == sorted(f"/memfd:livemig:{b.idstr} (deleted)" for b in src.blocks), fds
         assert sum(t == "anon_inode:[userfaultfd]" for t in fds) == 1, fds
+        assert sum(t.startswith("socket:") for t in fds) == 1, fds  # its control socket only
+        assert str(tmp_path / "fresh.stream") in fds  # the stream
         assert len(fds) <= 12, fds  # std streams, control, stream, uffd, memfds, a wake pipe
         with open(f"/proc/{pid}/maps") as f:
             maps = f.read()
@@ -314,6 +322,67 @@ def test_the_writer_is_a_fresh_process_not_a_fork_of_the_vm(tmp_path: Path) -> N
     finally:
         src.close()
         other.close()
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (whichever of its threads started them)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_the_writer_dies_with_its_vm_process(tmp_path: Path) -> None:
+    """A ``livemig vm`` process killed mid-snapshot: its writer (a child of the helper
+    launcher, not of the VM process) goes too, and so does the launcher — a writer left
+    behind would keep the VM's userfaultfd and a file open for nobody."""
+    from livemig.control.qmp_client import QMPClient
+
+    sock = tmp_path / "vm.qmp"
+    vm = subprocess.Popen([sys.executable, "-m", "livemig", "vm", "--qmp", f"unix:{sock}", "--accel", "soft",
+                           "--memory", "32M", "--vcpus", "1", "--dirty-rate", "0",
+                           "--virtio-mem", "id=vm0,size=1G,requested-size=64M"], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(sock.exists, 20, "QMP socket")
+        with QMPClient(f"unix:{sock}") as q:
+            wait_for(lambda: q.execute("query-memory-devices")[0]["data"]["size"] == 64 * MiB, 30, "plug")
+            q.execute("migrate-set-capabilities", capabilities=[{"capability": "background-snapshot", "state": True}])
+            q.execute("migrate-set-parameters", **{"max-bandwidth": 1 * MiB})  # a minute at least
+            q.execute("migrate", uri=f"file:{tmp_path / 'killed.stream'}")
+            launchers: list[int] = []  # named once its interpreter runs
+            wait_for(lambda: launchers.extend(c for c in children(vm.pid) if comm(c) == "livemig-helpers")
+                     or launchers, 30, "the helper launcher")  # fmt: skip
+            writers: list[int] = []
+            wait_for(lambda: writers.extend(c for c in children(launchers[0]) if comm(c) == "snapshot-writer")
+                     or writers, 30, "the writer")  # fmt: skip
+            assert "snapshot-writer" not in [comm(c) for c in children(vm.pid)]
+            vm.kill()
+            vm.wait()
+        wait_for(lambda: dead(writers[0]), 10, "the writer to die with the VM process")
+        wait_for(lambda: dead(launchers[0]), 10, "the launcher to die with the VM process")
+    finally:
+        vm.kill()
+        vm.wait()
 
 
 def test_max_bandwidth_changed_during_the_snapshot_reaches_the_writer(tmp_path: Path) -> None:

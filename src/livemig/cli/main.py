@@ -12,7 +12,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 from livemig.cli.demo import add_parser as add_demo
 from livemig.cli.errors import ArgumentParser, guarded
-from livemig.cli.inspect import main as inspect_main
 from livemig.cli.migrate import add_parsers as add_migrate_and_info
 from livemig.cli.snapshot import add_parsers as add_snapshot_and_restore
 from livemig.cli.vm import add_parser as add_vm
@@ -49,6 +48,10 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "inspect":  # its own parser, exit codes and output
+        # imported here: the stream reader (numpy) is not every command's start-up cost,
+        # and `livemig vm` starts its helper launcher before the heavy imports
+        from livemig.cli.inspect import main as inspect_main
+
         return guarded("livemig inspect", lambda: inspect_main(argv[1:]))
     args = build_parser().parse_args(argv)
     return guarded(f"livemig {args.command}", lambda: int(args.func(args)))

@@ -202,6 +202,9 @@ class _IncomingWatch:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
+    from livemig.migration.helper_modules import prestart_helpers
+
+    prestart_helpers()  # first: its interpreter starts while this process imports the rest
     from livemig.control.qmp_server import QMPError, QMPServer
     from livemig.control.vm_controller import VMController
     from livemig.migration.core.params import MigrationConfigError

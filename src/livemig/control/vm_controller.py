@@ -24,6 +24,7 @@ from livemig.migration.core import status
 from livemig.migration.core.params import Capabilities, MigrationConfigError, Parameters
 from livemig.migration.cpr.channels import parse_channels
 from livemig.migration.cpr.incoming import CprReceiver
+from livemig.migration.helper_modules import prestart_helpers
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.modes import incoming_migration, outgoing_migration
 from livemig.migration.outgoing import OutgoingMigration
@@ -61,6 +62,7 @@ class VMController(PostcopyCommands, MachineCommands, ConvergenceCommands):
         self.attach_machine_events()
         if qmp is not None:
             self._register(qmp)
+        prestart_helpers()  # the helper launcher's interpreter starts now, not in a migration
 
     # -- events ---------------------------------------------------------------------------------
     def emit(self, event: str, data: dict[str, Any] | None = None) -> None:

@@ -1,13 +1,15 @@
 """Instant restore's fault handler: missing guest pages served from the mapped-ram file.
 
-It runs in a child process forked from the VM process (:mod:`.restore`), for the reason
-postcopy's handler is a process (docs/postcopy.md): a VM thread that faults on missing
-guest memory while it holds the GIL would stop a handler thread of its own process too.
-It is *forked*, not spawned: a fork takes a few milliseconds where starting an interpreter
-takes tens to hundreds, and the guest is meant to run within 100 ms. The child keeps only
-what it needs (the userfaultfd, the file, its control socket), ends when its control
-socket does (the VM process closed it, or died), and never touches guest memory through its own mapping (reading a memfd hole there would
-allocate the page behind the VM's back).
+It runs in a separate process (:mod:`.restore` starts it), for the reason postcopy's
+handler is a process (docs/postcopy.md): a VM thread that faults on missing guest memory
+while it holds the GIL would stop a handler thread of its own process too. The process
+is a fork of the helper launcher (:mod:`livemig.migration.core.helpers`), not of the
+multi-threaded VM process: a fork of the launcher takes a few milliseconds where starting
+an interpreter takes hundreds, and the guest is meant to run within 100 ms of
+``migrate-incoming``. It holds only what it needs (the userfaultfd, the file, its
+control socket), ends when its control socket does (the VM process closed it, or died)
+or with the launcher, and never touches guest memory through its own mapping (reading
+a memfd hole there would allocate the page behind the VM's back).
 
 For each fault: the page's bit in the block's bitmap is read from the file once per
 block; a present page is read from the file together with the present pages after it
@@ -19,7 +21,7 @@ placed twice.
 Control messages are JSON on a unix socketpair: ``block`` (layout of one RAM block, acked
 once the handler can serve it), ``stats``, ``stop``.
 
-Standard library only (it runs in a fork, but stays importable without numpy).
+Standard library only (small to preload in the launcher).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import json
 import os
 import select
 import socket
-import sys
 
 from livemig.migration.postcopy.placer import Placer, parse_faults, wake
 
@@ -151,23 +152,9 @@ class FaultHandler:
                     return
 
 
-def child_main(uffd: int, file_fd: int, ctrl: socket.socket) -> None:
-    """The forked child: never returns."""
-    code = 0
-    try:
-        keep = {0, 1, 2, uffd, file_fd, ctrl.fileno()}
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        FaultHandler(uffd, file_fd, ctrl).serve()
-    except BaseException as e:  # noqa: BLE001 - report, then leave without Python's shutdown
-        try:
-            sys.stderr.write(f"livemig restore fault handler: {e}\n")
-        except Exception:  # noqa: BLE001
-            pass
-        code = 1
-    os._exit(code)
+def helper_main(fds: list[int]) -> int:
+    """The process's entry, forked by the helper launcher with the userfaultfd, the file
+    and the control socket."""
+    uffd, file_fd, ctrl = fds
+    FaultHandler(uffd, file_fd, socket.socket(fileno=ctrl)).serve()
+    return 0

@@ -14,8 +14,9 @@ file can go.
 
 1. While the RAM set-up is read, each block's bitmap is read and its range is registered
    for userfaultfd MISSING faults (it is all missing: a fresh incoming VM holds nothing);
-   a fault-handler child is forked at the first block (:mod:`.fault_handler`) and told
-   each block's layout before the stream goes on. No page is read now.
+   a fault-handler process is started at the first block (:mod:`.fault_handler`, a fork
+   of the helper launcher, :mod:`livemig.migration.core.helpers`) and told each block's
+   layout before the stream goes on. No page is read now.
 2. The device state loads (virtio-mem as in postcopy: nothing is discarded or populated),
    the guest starts — status ``postcopy-active`` — and every page it touches is read from
    the file by the handler and placed with ``UFFDIO_COPY``, or a zero page if it is not
@@ -49,6 +50,7 @@ import numpy as np
 from livemig.memory.bitmap import Bitmap
 from livemig.memory.ram_block import RAMBlock
 from livemig.migration.core import status
+from livemig.migration.core.helpers import Helper, launcher
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.mapped_ram import fault_handler
 from livemig.migration.mapped_ram.layout import (
@@ -64,6 +66,7 @@ from livemig.migration.stream.qemu_file import QEMUFileReader
 
 WINDOW_PAGES = 512  # the background reader's unit: 2 MiB of the file per preadv
 RUNNING = "running"
+STOP_TIMEOUT = 5.0  # seconds for the fault handler to exit once told to stop
 
 
 class InstantRestore:
@@ -78,7 +81,7 @@ class InstantRestore:
         self.uffd = -1
         self.file_fd = -1
         self.ctrl: socket.socket | None = None
-        self.child = 0
+        self.handler: Helper | None = None
         self.registered: list[tuple[int, int]] = []
         self.started = time.monotonic()
         self.running_ms: int | None = None
@@ -106,7 +109,7 @@ class InstantRestore:
     def block_entry(self, r: QEMUFileReader, e: BlockEntry) -> None:
         block, lay, present = read_block_entry(self.blocks_by_name, self.inc.fd, r, e)
         name, length = e.name, e.length
-        if self.child == 0:
+        if self.handler is None:
             self._start_handler()
         register_missing(self.uffd, block.host, block.used_length)
         self.registered.append((block.host, block.used_length))
@@ -118,15 +121,21 @@ class InstantRestore:
         r.seek(lay.end)
 
     def _start_handler(self) -> None:
+        """The fault handler gets the userfaultfd, the file and its control socket, and
+        nothing else of this process."""
         self.uffd = open_uffd()
         self.file_fd = os.dup(self.inc.fd)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:  # the child: never returns (fault_handler.child_main)
+        try:
+            self.handler = launcher().spawn(
+                fault_handler.helper_main, [self.uffd, self.file_fd, child.fileno()], "restore-faults"
+            )
+        except BaseException:
             parent.close()
-            fault_handler.child_main(self.uffd, self.file_fd, child)
-        child.close()
-        self.child, self.ctrl = pid, parent
+            raise
+        finally:
+            child.close()
+        self.ctrl = parent
 
     def _ask(self, msg: dict[str, Any]) -> dict[str, Any]:
         with self._ctrl_lock:
@@ -191,9 +200,9 @@ class InstantRestore:
             with self._ctrl_lock:
                 self.ctrl.close()
                 self.ctrl = None
-        if self.child:
-            os.waitpid(self.child, 0)
-            self.child = 0
+        if self.handler is not None:
+            self.handler.close(STOP_TIMEOUT)  # it exits after "stop"; else it is killed
+            self.handler = None
         for fd in (self.uffd, self.file_fd):
             if fd >= 0:
                 os.close(fd)

@@ -6,7 +6,9 @@ resolve the fault. This process has its own interpreter and its own GIL, so what
 VM process does while it faults (a vCPU in numpy, a checksum, the loader), the fault is
 read, requested, received and placed here, without the VM process's GIL.
 
-It is started by the destination (:mod:`livemig.migration.postcopy.handler_control`) with:
+It is started by the destination (:mod:`livemig.migration.postcopy.handler_control`), a
+fork of the helper launcher (:mod:`livemig.migration.core.helpers`: never a fork of the
+multi-threaded VM process, and holding nothing of it but what is handed over), with:
 
 * the userfaultfd of the VM's guest RAM (``UFFDIO_COPY`` from this process's buffers
   fills the VM process's memory: the fd carries the VM's mm);
@@ -28,7 +30,7 @@ that is present (``EEXIST``), and the loser of such a race just counts it.
 Without the postcopy channel (``postcopy-preempt`` off), requests are handed to the VM
 process, which sends them on the main return path; pages then arrive on the main stream.
 
-Standard library only, so it starts in a few tens of milliseconds.
+Standard library only (the launcher preloads it; it also keeps the handler small).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import os
 import select
 import socket
 import struct
-import sys
 import time
 
 from livemig.migration.core.job import describe
@@ -467,8 +468,10 @@ class Handler:
             self.check_pending()
 
 
-def main(argv: list[str]) -> int:
-    ctrl = socket.socket(fileno=int(argv[0]))
+def helper_main(fds: list[int]) -> int:
+    """The process's entry, forked by the helper launcher (:mod:`livemig.migration.core.helpers`)
+    with the control socket ``fds[0]``; it waits for the set-up."""
+    ctrl = socket.socket(fileno=fds[0])
     msg, fds = recv_ctrl(ctrl)
     if msg is None or msg.get("op") != "setup":
         return 2
@@ -483,7 +486,3 @@ def main(argv: list[str]) -> int:
             pass
         raise
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -2,10 +2,12 @@
 
 Why a process (docs/postcopy.md): a thread that faults on a missing page while holding
 the GIL would stop a handler *thread* of the same process; the process has its own GIL.
-:class:`HandlerControl` starts it at POSTCOPY_ADVISE (so its ~50 ms start-up is not part of
-the downtime), sets it up at LISTEN (the userfaultfd, the received map, the plugged runs),
-hands it the postcopy channel at RUN and after each recovery, and reads its reports on the
-control socket in a thread of its own:
+:class:`HandlerControl` starts it at POSTCOPY_ADVISE, forked by the helper launcher
+(:mod:`livemig.migration.core.helpers`: a few milliseconds, never a fork of this
+multi-threaded process, only its control socket inherited), sets it up at LISTEN (the
+userfaultfd, the received map, the plugged runs), hands it the postcopy channel at RUN
+and after each recovery, and reads its reports on the control socket in a thread of its
+own:
 
 * ``eos``: the postcopy channel's EOS arrived (the source sent its last urgent page);
 * ``lost``: the postcopy channel failed — postcopy pauses;
@@ -20,16 +22,13 @@ is told (:meth:`HandlerEvents.handler_exited`) and may :meth:`restart` it.
 from __future__ import annotations
 
 import logging
-import os
-import pathlib
 import socket
-import subprocess
-import sys
 import threading
 from typing import Any, Protocol
 
+from livemig.migration.core.helpers import Helper, launcher
 from livemig.migration.core.threads import join_for_good
-from livemig.migration.postcopy.handler import recv_ctrl, send_ctrl
+from livemig.migration.postcopy.handler import helper_main, recv_ctrl, send_ctrl
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ class HandlerControl:
 
     def __init__(self, events: HandlerEvents):
         self.events = events
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Helper | None = None
         self.ctrl: socket.socket | None = None
         self.restarts = 0
         self._setup: tuple[dict[str, Any], list[int]] | None = None
@@ -71,17 +70,8 @@ class HandlerControl:
     def spawn(self) -> None:
         """Start the process; it waits for :meth:`setup`."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        # the directory that holds the livemig package: src/livemig/migration/postcopy/<this>
-        src = str(pathlib.Path(__file__).resolve().parents[3])
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "livemig.migration.postcopy.handler", str(child.fileno())],
-                pass_fds=[child.fileno()],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
+            self.proc = launcher().spawn(helper_main, [child.fileno()], "postcopy-faults")
         except BaseException:
             parent.close()
             raise
@@ -108,7 +98,7 @@ class HandlerControl:
         the dead one calls this)."""
         old, old_proc = self.ctrl, self.proc
         if old_proc is not None:
-            old_proc.wait()
+            old_proc.close()
         try:
             self.spawn()
             assert self._setup is not None
@@ -193,11 +183,7 @@ class HandlerControl:
             self._stats_evt.clear()
             self.send({"op": "stop"})
             self._stats_evt.wait(2.0)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        proc.close(STOP_TIMEOUT)  # killed if it has not exited by then
         self.proc = None
 
     def close(self) -> None:

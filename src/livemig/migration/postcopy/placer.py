@@ -5,8 +5,8 @@ unregister, wake, fault messages) lives in :mod:`livemig.memory.userfaultfd`; th
 adds only what postcopy needs on top: placing pages.
 
 Only the standard library is used, so the postcopy fault-handler process
-(:mod:`livemig.migration.postcopy.handler`) can import this module without numpy and
-start in a few tens of milliseconds.
+(:mod:`livemig.migration.postcopy.handler`) can import this module without numpy: the helper
+launcher preloads the handler in a few milliseconds.
 
 Numbers are the kernel's (``<linux/userfaultfd.h>``, x86-64, checked on this platform in
 ``platform-notes.md`` section 3). Every ioctl goes through ``ctypes``, which releases the

@@ -1,8 +1,9 @@
 """What the VM process tells the snapshot writer, and how: the control socket's messages.
 
-The writer is started with ``exec`` (``python -m livemig.migration.snapshot.writer FD``),
-so it inherits nothing but the one control socket (``FD``, an ``AF_UNIX``
-``SOCK_SEQPACKET`` socketpair end: one message per ``send``, no framing needed).
+The writer is forked from the helper launcher (:mod:`livemig.migration.core.helpers`),
+not from the VM process, so it holds nothing of the VM process but the one control
+socket (an ``AF_UNIX`` ``SOCK_SEQPACKET`` socketpair end: one message per ``send``, no
+framing needed).
 Everything else comes in messages, JSON with descriptors attached (``SCM_RIGHTS``):
 
 VM process -> writer

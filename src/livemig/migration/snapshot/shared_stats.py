@@ -1,7 +1,7 @@
 """Counters of a background snapshot, shared by the VM process and the snapshot writer.
 
-The writer is a separate process started with ``exec`` (no memory inherited), so the
-counters live in one page of a memfd that both map: the VM process creates it and passes
+The writer is a separate process, forked from the helper launcher (no memory of the VM
+process inherited), so the counters live in one page of a memfd that both map: the VM process creates it and passes
 the descriptor in the writer's set-up message. The writer publishes its progress there
 after every section; ``query-migrate`` in the VM process reads it without asking the
 writer anything (a writer busy with faults, or a VM thread stuck behind one, never makes

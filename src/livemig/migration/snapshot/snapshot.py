@@ -17,8 +17,8 @@ log, no sync, discarded ranges cleared; early devices; ``active``); then :meth:`
 
 1. open a userfaultfd for write protection (:class:`~.tracking.WriteTracking`; bound to
    this process's memory, whoever holds it later);
-2. start the *snapshot writer*, a separate process (:mod:`.writer_process`: spawned, not
-   forked), and send it the set-up (:mod:`.setup_message`): the userfaultfd, the
+2. start the *snapshot writer*, a separate process (:mod:`.writer_process`: forked from
+   the helper launcher, not from this process), and send it the set-up (:mod:`.setup_message`): the userfaultfd, the
    migration bitmap as built here, the block layout and the memfds, the stream, the
    statistics page;
 3. while it starts, populate-read plugged memory — never a hole of memfd memory

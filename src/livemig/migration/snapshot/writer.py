@@ -1,11 +1,10 @@
 """The snapshot writer: a separate process that writes a background snapshot's RAM.
 
-Started by the VM process (:mod:`~livemig.migration.snapshot.writer_process`) as
-``python -m livemig.migration.snapshot.writer FD`` — a fresh interpreter, not a fork of
-the multi-threaded VM process, so no lock that a VM thread held at the start can be
-held here forever, and nothing of the VM process is inherited but the control socket
-``FD``. Everything else arrives in the set-up message
-(:mod:`~livemig.migration.snapshot.setup_message`).
+Started by the VM process (:mod:`~livemig.migration.snapshot.writer_process`) as a fork
+of the helper launcher (:mod:`livemig.migration.core.helpers`), not of the multi-threaded
+VM process: no lock that a VM thread held at the start can be held here forever, and
+nothing of the VM process is inherited but the control socket. Everything else arrives
+in the set-up message (:mod:`~livemig.migration.snapshot.setup_message`).
 
 Why a process at all: a thread of the VM process that stores into guest RAM while holding
 the GIL blocks on a write-protect fault *with the GIL*; a resolver that needed that
@@ -27,17 +26,16 @@ Two threads:
   the VM process took at the stop.
 
 If this process dies — an error, ``migrate_cancel`` (SIGKILL), the VM process exiting
-(``PR_SET_PDEATHSIG``) — its userfaultfd goes with it: the VM process dropped its own
-copy once protection was on, so this is the last reference, and the kernel unregisters
-the ranges and wakes every blocked fault. Guest RAM is never mapped here.
+(the launcher kills its helpers then, and a helper dies with the launcher) — its
+userfaultfd goes with it: the VM process dropped its own copy once protection was on, so
+this is the last reference, and the kernel unregisters the ranges and wakes every
+blocked fault. Guest RAM is never mapped here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
-import signal
 import socket
 import stat
 import sys
@@ -64,12 +62,7 @@ from livemig.migration.stream import savevm
 from livemig.migration.stream.format import SectionType
 from livemig.migration.stream.qemu_file import QEMUFileWriter
 
-PR_SET_PDEATHSIG = 1
 SWITCH_INTERVAL = 0.0002  # the fault thread gets the GIL within 0.2 ms of a fault
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_libc.prctl.restype = ctypes.c_int
 
 
 def stream_transport(fd: int) -> Any:
@@ -237,18 +230,15 @@ class Writer:
         })
 
 
-def main(argv: list[str]) -> int:
-    """Entry point: ``FD`` of the control socket; exit status 0 when the stream is complete."""
-    started_at = time.monotonic()  # the interpreter runs, the modules are imported
-    ctrl = socket.socket(fileno=int(argv[0]))
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the VM (its spawning thread) gone: die
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the VM's terminal is the VM's
+def helper_main(fds: list[int]) -> int:
+    """The process's entry, forked by the helper launcher with the control socket
+    ``fds[0]``; exit status 0 when the stream is complete."""
+    started_at = time.monotonic()  # the helper runs (forked, its modules loaded)
+    ctrl = socket.socket(fileno=fds[0])
     m, fds = msg.recv_msg(ctrl)
     if m is None or m.get("op") != "setup":
         return 2
     setup_at = time.monotonic()
-    if os.getppid() != m["vm_pid"]:
-        return 3  # the VM process died before the death signal was armed
     gc.disable()  # no collector pauses while a fault waits; this process lives seconds
     stats: SharedStats | None = None
     try:
@@ -267,7 +257,3 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

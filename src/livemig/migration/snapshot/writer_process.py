@@ -1,19 +1,18 @@
 """The snapshot writer as the VM process sees it: started, set up, told to go, waited for.
 
-**Spawned, not forked** (issue 17). The VM process has many threads (vCPUs, QMP, the
-migration thread, the workload); ``fork()`` copies only the calling thread, so any lock
-another thread held at that moment — a C library's, a Python module's, livemig's — stays
-held in the child for ever, and the child also inherits every descriptor of the VM
-process (listening sockets, other VMs' memory in tests). :class:`WriterProcess` starts
-``python -m livemig.migration.snapshot.writer`` with ``subprocess.Popen``: no Python code
-runs between the fork and the ``exec``, the new process shares no lock and holds no
-descriptor but its control socket, and what it needs comes in the set-up message
-(:mod:`~livemig.migration.snapshot.setup_message`). The price is the start of an
-interpreter and numpy, about 0.2 s here; it runs while the guest still runs (the VM
-process populates guest memory meanwhile), so it is not downtime.
+**Forked from the helper launcher, not from the VM process** (issue 17). The VM process has
+many threads (vCPUs, QMP, the migration thread, the workload); ``fork()`` copies only the
+calling thread, so any lock another thread held at that moment stays held in the child
+for ever, and the child also inherits every descriptor of the VM process.
+:class:`WriterProcess` asks this process's helper launcher
+(:mod:`livemig.migration.core.helpers`), a single-threaded fork server with the writer's
+modules loaded, for a child that runs :func:`~livemig.migration.snapshot.writer.helper_main`
+with the control socket as its only descriptor; what it needs comes in the set-up message
+(:mod:`~livemig.migration.snapshot.setup_message`). A fork of the launcher takes
+milliseconds where an interpreter and numpy took 0.2-0.8 s.
 
-The writer dies with the *thread* that started it (``PR_SET_PDEATHSIG`` follows the
-parent thread, not the process): the migration thread starts it and outlives it.
+The writer dies with the VM process: the launcher kills its helpers when the VM process
+ends, and each helper dies with the launcher (module docstring of ``core.helpers``).
 
 **TLS.** A TLS session (keys, sequence numbers) lives in this process's OpenSSL objects
 and cannot be handed to another process. When the main channel is not a plain socket,
@@ -26,22 +25,21 @@ stuck in a write fault with the GIL held stalls it only until the writer's fault
 from __future__ import annotations
 
 import os
-import pathlib
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from livemig.migration.core.helpers import launcher
 from livemig.migration.core.job import Cancelled
 from livemig.migration.core.threads import join_for_good
 from livemig.migration.snapshot import setup_message as msg
 from livemig.migration.snapshot.tracking import SnapshotError
+from livemig.migration.snapshot.writer import helper_main
 
-START_TIMEOUT = 60.0  # seconds for the writer to start (an interpreter and numpy, loaded host)
+START_TIMEOUT = 60.0  # seconds for the writer to start (a launcher still starting, a loaded host)
 TICK = 0.05  # seconds between checks for cancel while waiting for the writer
 
 
@@ -56,18 +54,9 @@ class WriterProcess:
 
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        # the directory that holds the livemig package: src/livemig/migration/snapshot/<this>
-        src = str(pathlib.Path(__file__).resolve().parents[3])
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.spawned_at = time.monotonic()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "livemig.migration.snapshot.writer", str(child.fileno())],
-                pass_fds=[child.fileno()],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
+            self.proc = launcher().spawn(helper_main, [child.fileno()], "snapshot-writer", START_TIMEOUT)
         except BaseException:
             parent.close()
             raise
@@ -76,7 +65,6 @@ class WriterProcess:
         self.ctrl = parent
         self.start_seconds: float | None = None  # the writer's own start (see _read_ctrl)
         self.outcome: str | None = None  # "done", or the writer's error
-        self._pidfd = os.pidfd_open(self.proc.pid)
 
     @property
     def pid(self) -> int:
@@ -122,7 +110,7 @@ class WriterProcess:
         if self.proc.returncode is not None:
             return True
         p = select.poll()
-        p.register(self._pidfd, select.POLLIN)
+        p.register(self.proc.pidfd, select.POLLIN)
         if self.ctrl.fileno() >= 0:
             p.register(self.ctrl, select.POLLIN)
         for fd, _ev in p.poll(TICK * 1000):
@@ -146,8 +134,9 @@ class WriterProcess:
             return False
         op = m.get("op")
         if op == "ready":
-            # the interpreter's start and imports, plus the set-up, without the time the
-            # set-up message waited for this process (populating guest memory meanwhile)
+            # the spawn (a fork of the launcher; its whole start if the launcher was not
+            # running yet), plus the set-up, without the time the set-up message waited
+            # for this process (populating guest memory meanwhile)
             started, setup, ready = m["started_at"], m["setup_at"], m["ready_at"]
             self.start_seconds = (started - self.spawned_at) + (ready - setup)
         elif op == "done":
@@ -163,19 +152,14 @@ class WriterProcess:
         return f"snapshot writer died ({exit_reason(code) if code is not None else 'no answer'})"
 
     def kill(self) -> None:
-        """SIGKILL and reap: its userfaultfd goes, every protected range is released."""
+        """SIGKILL and wait until it is gone: its userfaultfd goes, every protected range
+        is released."""
         if self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
+            self.proc.kill()
             self.proc.wait()
 
     def close(self) -> None:
-        self.kill()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        self.proc.close()
         self.ctrl.close()
 
 
