@@ -86,3 +86,13 @@ def children(pid: int) -> list[int]:
             with contextlib.suppress(FileNotFoundError):
                 kids += [int(k) for k in (task / "children").read_text().split()]
     return kids
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, their children, ... (a VM's helpers are forks of its helper launcher)."""
+    out, todo = [], children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
