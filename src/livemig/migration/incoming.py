@@ -32,7 +32,7 @@ from livemig.devices.state import LoadContext, StateSection
 from livemig.migration.channels import Listener, Liveness, MigrationURI, open_file_for_read
 from livemig.migration.core import status
 from livemig.migration.core.deadline import Deadline
-from livemig.migration.core.job import MigrationJob, describe
+from livemig.migration.core.job import JobView, MigrationJob, describe
 from livemig.migration.core.params import (
     KNOWN_CAPABILITIES,
     STREAM_CAPABILITIES,
@@ -67,7 +67,7 @@ VALIDATED_CAPABILITIES = STREAM_CAPABILITIES
 CommandFn = Callable[[savevm.Command, QEMUFileReader, int], None]
 
 
-class IncomingMigration:
+class IncomingMigration(JobView):
     def __init__(
         self,
         vm: MigratableVM,
@@ -122,18 +122,6 @@ class IncomingMigration:
             self.uri = self.listener.uri
 
     # -- public ----------------------------------------------------------------------------
-    @property
-    def status(self) -> str:
-        return self.job.status
-
-    @property
-    def error_desc(self) -> str | None:
-        return self.job.error_desc
-
-    @property
-    def done(self) -> Any:
-        return self.job.done
-
     def start(self) -> None:
         self.job.on_cleanup("listener", self.close_listener)
         self.job.start(self._body, self._recover, "migration-dst", self._explain_and_tell)
@@ -148,9 +136,6 @@ class IncomingMigration:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.job.wait(timeout)
 
     def listen(self, uri: MigrationURI) -> Listener:
         """A listener of this migration (the first one, and postcopy's for a recovery):

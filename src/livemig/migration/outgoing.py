@@ -40,7 +40,7 @@ from livemig.migration.channels import Liveness, MigrationURI, connect, open_fil
 from livemig.migration.core import status
 from livemig.migration.core.deadline import Deadline
 from livemig.migration.core.guest import GuestControl
-from livemig.migration.core.job import Cancelled, MigrationJob, describe
+from livemig.migration.core.job import Cancelled, JobView, MigrationJob, describe
 from livemig.migration.core.params import STREAM_CAPABILITIES, Capabilities, Parameters
 from livemig.migration.core.rate import RateLimiter
 from livemig.migration.core.vm import MigratableVM
@@ -84,7 +84,7 @@ class SourceMode(Protocol):
         """Add the mode's figures to query-migrate's ``ram``."""
 
 
-class OutgoingMigration:
+class OutgoingMigration(JobView):
     def __init__(
         self,
         vm: MigratableVM,
@@ -138,10 +138,6 @@ class OutgoingMigration:
 
     # -- public ----------------------------------------------------------------------------
     @property
-    def status(self) -> str:
-        return self.job.status
-
-    @property
     def bandwidth(self) -> float:
         """Bytes/s, measured over the last window or pass."""
         return self.estimate.bandwidth
@@ -149,14 +145,6 @@ class OutgoingMigration:
     @property
     def expected_downtime(self) -> int:
         return self.estimate.expected_downtime
-
-    @property
-    def error_desc(self) -> str | None:
-        return self.job.error_desc
-
-    @property
-    def done(self) -> Any:
-        return self.job.done
 
     def start(self) -> None:
         # plug state must not change while this migration has a view of it: one hold per
@@ -179,9 +167,6 @@ class OutgoingMigration:
         if self.multifd is not None:
             self.multifd.abort()
         self.shutdown_channel()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.job.wait(timeout)
 
     def check_cancel(self) -> None:
         """Raise if cancelled or if the return path already brought bad news."""
@@ -408,18 +393,43 @@ class OutgoingMigration:
             if est.end_pass(w.bytes_written, ram.remaining_bytes):
                 return True
 
-    def stop_guest_and_sync(self, runstate: str, new_status: str) -> float:
-        """Switchover: stop the vCPUs, ``new_status``, the last sync. Returns when it
-        stopped (for the downtime)."""
+    def stop_guest_and_sync(self, runstate: str, new_status: str, sync: bool = True) -> float:
+        """Switchover: stop the vCPUs, ``new_status``, the last sync (unless the RAM does
+        not travel in the stream). Returns when it stopped (for the downtime)."""
         stop_at = time.monotonic()
         self.guest.stop(runstate)
         self.gate.wait(self.check_cancel)  # pause-before-switchover: until migrate-continue
         if not self.job.move(new_status, (status.ACTIVE, status.PRE_SWITCHOVER)):
             self.job.check_cancel()
-        self.ram.last_stage = True
-        self.ram.sync()
-        self.pass_event()
+        if sync:
+            self.ram.last_stage = True
+            self.ram.sync()
+            self.pass_event()
         return stop_at
+
+    def switch_over(self, send_ram: bool = True) -> None:
+        """The end of a precopy stream, under the switchover deadline: stop the guest, the
+        rest of RAM (``send_ram``; else an empty RAM END: cpr-transfer hands memory over
+        as descriptors), the device state, EOF; then the destination's verdict. Sets the
+        downtime; the guest stays stopped (``completed()`` or a recovery follows)."""
+        w = self.writer
+        with self.completion_deadline() as deadline:
+            try:
+                stop_at = self.stop_guest_and_sync("finish-migrate", status.DEVICE, sync=send_ram)
+                precopy_bytes = w.bytes_written
+                self.send_ram_section(SectionType.END, None if send_ram else 0)
+                self.sections.write_late(w)
+                self.write_stream_end(w)
+                w.flush()
+                st = self.ram.stats
+                st.precopy_bytes = precopy_bytes
+                st.downtime_bytes = w.bytes_written - precopy_bytes
+                self.wait_verdict()
+            except (OSError, StreamError) as e:
+                if deadline.expired:
+                    raise StreamError(w.bytes_written, deadline.message()) from e
+                raise
+        self.downtime = int((time.monotonic() - stop_at) * 1000)
 
     def write_stream_end(self, w: QEMUFileWriter) -> None:
         """EOF and the VMDESCRIPTION trailer."""
@@ -513,26 +523,8 @@ class Precopy:
     def complete(self) -> None:
         """Stop the guest, send what is still dirty and the device state, wait for the
         destination's verdict."""
-        out = self.out
-        w = out.writer
-        with out.completion_deadline() as deadline:
-            try:
-                stop_at = out.stop_guest_and_sync("finish-migrate", status.DEVICE)
-                precopy_bytes = w.bytes_written
-                out.send_ram_section(SectionType.END, None)
-                out.sections.write_late(w)
-                out.write_stream_end(w)
-                w.flush()
-                st = out.ram.stats
-                st.precopy_bytes = precopy_bytes
-                st.downtime_bytes = w.bytes_written - precopy_bytes
-                out.wait_verdict()
-            except (OSError, StreamError) as e:
-                if deadline.expired:
-                    raise StreamError(w.bytes_written, deadline.message()) from e
-                raise
-        out.downtime = int((time.monotonic() - stop_at) * 1000)
-        out.completed()
+        self.out.switch_over()
+        self.out.completed()
 
     def recover(self, final: str) -> None:
         pass

@@ -230,3 +230,25 @@ class MigrationJob:
             return {}
         end = self.end_time or time.monotonic()
         return {"total-time": int((end - self.start_time) * 1000)}
+
+
+class JobView:
+    """What an orchestrator shows of its job (``status``, ``error-desc``, ``done``,
+    ``wait``): the job stays the one owner; this is the read-only face QMP commands use."""
+
+    job: MigrationJob
+
+    @property
+    def status(self) -> str:
+        return self.job.status
+
+    @property
+    def error_desc(self) -> str | None:
+        return self.job.error_desc
+
+    @property
+    def done(self) -> threading.Event:
+        return self.job.done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.job.wait(timeout)

@@ -30,7 +30,6 @@ import select
 import socket
 import struct
 import threading
-import time
 from typing import Any
 
 from livemig.memory.discard_manager import StateHold
@@ -42,8 +41,7 @@ from livemig.migration.cpr.channels import CprError, check_cpr_channel, check_ma
 from livemig.migration.cpr.state import CprFd, send_state
 from livemig.migration.outgoing import OutgoingMigration
 from livemig.migration.stream import return_path as rp
-from livemig.migration.stream import savevm
-from livemig.migration.stream.format import RPMessage, SectionType
+from livemig.migration.stream.format import RPMessage
 from livemig.migration.stream.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
 
 log = logging.getLogger(__name__)
@@ -160,25 +158,7 @@ class CprTransferSource:
 
     def run(self) -> None:
         out = self.out
-        w = out.writer
-        stop_at = time.monotonic()
-        out.guest.stop("finish-migrate")
-        out.gate.wait(out.check_cancel)  # pause-before-switchover: until migrate-continue
-        if not out.job.move(status.DEVICE, (status.ACTIVE, status.PRE_SWITCHOVER)):
-            out.job.check_cancel()
-        precopy_bytes = w.bytes_written
-        savevm.start_section(w, SectionType.END, out.ram_id)  # no page: an empty RAM END
-        out.page_sink.start_section()
-        out.page_sink.end_section()
-        savevm.write_footer(w, out.ram_id)
-        out.sections.write_late(w)
-        out.write_stream_end(w)
-        w.flush()
-        st = out.ram.stats
-        st.precopy_bytes = precopy_bytes
-        st.downtime_bytes = w.bytes_written - precopy_bytes
-        out.wait_verdict()
-        out.downtime = int((time.monotonic() - stop_at) * 1000)
+        out.switch_over(send_ram=False)  # the memory went over as descriptors already
         rpr = out.rp
         reader = rpr.reader if rpr is not None else None
         sock = out.release_main_channel()  # the handover watches it from now on
