@@ -11,12 +11,12 @@ its first problem first.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
+from livemig.migration.stream import savevm
 from livemig.migration.stream.format import RAM_MIN_PAGE_BITS
 from livemig.migration.stream.qemu_file import StreamError
 from livemig.migration.stream.savevm import MAX_VMDESC
@@ -35,12 +35,8 @@ class Trailer:
 
 
 def parse_vmdesc_json(data: bytes, joff: int) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise StreamError(joff, f"VMDESCRIPTION is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise StreamError(joff, "VMDESCRIPTION is not a JSON object")
+    """The loader's parse (a JSON object), then what inspect relies on to decode devices."""
+    obj = savevm.parse_vmdesc_json(data, joff)
     devices = obj.get("devices", [])
     if not isinstance(devices, list):
         raise StreamError(joff, "VMDESCRIPTION: 'devices' is not a list")

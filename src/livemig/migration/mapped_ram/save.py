@@ -40,6 +40,7 @@ from livemig.migration.multifd.sender import CountingWriter
 from livemig.migration.outgoing import OutgoingMigration
 from livemig.migration.ram.codec import write_block_list
 from livemig.migration.ram.pages import LocalMemory, prepare
+from livemig.migration.ram.sender import JobBatcher
 from livemig.migration.ram.state import BATCH_PAGES, BlockState
 from livemig.migration.stream.format import RamFlag
 from livemig.migration.stream.qemu_file import QEMUFileWriter
@@ -73,8 +74,7 @@ class MappedRamSaver:
         self.lock = threading.Lock()
         self.layouts: dict[str, BlockFileLayout] = {}
         self.present: dict[str, Bitmap] = {}
-        self._acc: list[tuple[BlockState, np.ndarray]] = []
-        self._acc_pages = 0
+        self.batcher = JobBatcher()
         self._readers = {ch.index: LocalMemory(JOB_PAGES + BATCH_PAGES) for ch in chans.channels}
 
     @classmethod
@@ -108,20 +108,14 @@ class MappedRamSaver:
         pass
 
     def send(self, b: BlockState, idx: np.ndarray) -> None:
-        if self._acc and self._acc[0][0] is not b:
-            self._dispatch()
-        self._acc.append((b, idx))
-        self._acc_pages += len(idx)
-        if self._acc_pages >= JOB_PAGES:
-            self._dispatch()
+        for job in self.batcher.add(b, idx, JOB_PAGES):
+            self._submit(*job)
 
     def _dispatch(self) -> None:
-        if not self._acc:
-            return
-        b = self._acc[0][0]
-        idx = np.concatenate([i for _, i in self._acc]) if len(self._acc) > 1 else self._acc[0][1]
-        self._acc.clear()
-        self._acc_pages = 0
+        for job in self.batcher.take():
+            self._submit(*job)
+
+    def _submit(self, b: BlockState, idx: np.ndarray) -> None:
         extents = b.extents
         self.chans.submit(lambda ch: self._write(ch, b, idx, extents))
 

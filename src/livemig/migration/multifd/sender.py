@@ -59,6 +59,7 @@ from livemig.migration.multifd.wire import (
 from livemig.migration.ram import splice_io
 from livemig.migration.ram.codec import RecordEncoder
 from livemig.migration.ram.pages import LocalMemory, prepare
+from livemig.migration.ram.sender import JobBatcher
 from livemig.migration.ram.state import TARGET_PAGE_BITS, TARGET_PAGE_SIZE, BlockState, RamStats
 from livemig.migration.stream.format import RamFlag
 from livemig.migration.stream.qemu_file import QEMUFileWriter
@@ -231,8 +232,7 @@ class MultifdSender:
         self.syncs_missed_zerocopy = 0
         self.channels = [SendChannel(self, i, s, zerocopy) for i, s in enumerate(sockets)]
         self._rr = 0
-        self._acc: list[tuple[BlockState, np.ndarray]] = []  # pages not yet handed out
-        self._acc_pages = 0
+        self.batcher = JobBatcher()  # pages not yet handed out
         self.max_bandwidth: Callable[[], int] = lambda: 0
         for ch in self.channels:
             hs = HANDSHAKE.pack(MAGIC, VERSION, ch.index, len(sockets), self.session)
@@ -322,12 +322,8 @@ class MultifdSender:
         section they belong to, after the early device state.
         """
         w.flush()
-        if self._acc and self._acc[0][0] is not b:
-            self._dispatch()
-        self._acc.append((b, idx))
-        self._acc_pages += len(idx)
-        if self._acc_pages >= self._job_pages():
-            self._dispatch()
+        for job in self.batcher.add(b, idx, self._job_pages()):
+            self._hand_out(*job)
 
     def _job_pages(self) -> int:
         """JOB_PAGES, or less under max-bandwidth: a job is then at most what the rate
@@ -338,13 +334,12 @@ class MultifdSender:
         return int(min(JOB_PAGES, max(256, bw // 10 // TARGET_PAGE_SIZE // len(self.channels))))
 
     def _dispatch(self) -> None:
-        """Batches of the migration thread (about 1024 pages) go out in jobs of JOB_PAGES."""
-        if not self._acc:
-            return
-        b = self._acc[0][0]
-        idx = np.concatenate([i for _, i in self._acc]) if len(self._acc) > 1 else self._acc[0][1]
-        self._acc.clear()
-        self._acc_pages = 0
+        """The pages collected so far go out as a job now (end of a round)."""
+        for job in self.batcher.take():
+            self._hand_out(*job)
+
+    def _hand_out(self, b: BlockState, idx: np.ndarray) -> None:
+        """One job (JOB_PAGES or so of one block) to the least busy channel."""
         job = (KIND_PAGES, b, idx, b.extents, self.round)
         with self.cond:
             while True:

@@ -62,6 +62,37 @@ class StreamSink:
         self.encoder.put_eos(self.w)
 
 
+class JobBatcher:
+    """Collects the walk's batches (about 1024 pages of one block each) into jobs of about
+    ``job_pages`` pages of one block: what a channel thread takes at once, so the Python
+    work per byte stays small (multifd channels, mapped-ram file channels)."""
+
+    def __init__(self) -> None:
+        self._acc: list[tuple[BlockState, np.ndarray]] = []
+        self._pages = 0
+
+    def add(self, b: BlockState, idx: np.ndarray, job_pages: int) -> list[tuple[BlockState, np.ndarray]]:
+        """Take a batch; returns the jobs now complete (a block change ends a job too)."""
+        out = []
+        if self._acc and self._acc[0][0] is not b:
+            out.extend(self.take())
+        self._acc.append((b, idx))
+        self._pages += len(idx)
+        if self._pages >= job_pages:
+            out.extend(self.take())
+        return out
+
+    def take(self) -> list[tuple[BlockState, np.ndarray]]:
+        """The pages collected so far as one job (none if empty)."""
+        if not self._acc:
+            return []
+        b = self._acc[0][0]
+        idx = np.concatenate([i for _, i in self._acc]) if len(self._acc) > 1 else self._acc[0][1]
+        self._acc.clear()
+        self._pages = 0
+        return [(b, idx)]
+
+
 def send_pass(ram: RamState, sink: PageSink, w: QEMUFileWriter, max_bytes: int | None = None) -> bool:
     """Send dirty pages until the pass is done (True) or ``max_bytes`` went out on ``w``.
 

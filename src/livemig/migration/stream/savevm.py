@@ -563,7 +563,11 @@ def read_vmdesc(r: QEMUFileReader, max_len: int = MAX_VMDESC) -> dict[str, Any]:
     if length > max_len:
         raise StreamError(off, f"VMDESCRIPTION of {length} bytes exceeds the limit of {max_len}")
     joff = r.tell()
-    data = r.read_exact(length)
+    return parse_vmdesc_json(r.read_exact(length), joff)
+
+
+def parse_vmdesc_json(data: bytes, joff: int) -> dict[str, Any]:
+    """The VMDESCRIPTION's JSON (starting at stream offset ``joff``): a JSON object."""
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError) as e:
