@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -228,11 +229,17 @@ class LiveVm(VmProcess):
 
 def run_qemu_a(img: Path, size: int, channels: int, mode: str, work: Path) -> dict:
     dst_file = SHM / "livemig-vsqemu-qdst.img"
+    src_file = SHM / "livemig-vsqemu-qsrc.img"
     common = ["-accel", "tcg", "-machine", "pc", "-m", f"{size >> 20}M", "-machine", "memory-backend=ram0", "-S"]
-    # prealloc=on: QEMU maps and populates its whole backend before the clock starts,
-    # as livemig's source has its memory written through its mapping (x-load-memory)
+    # The source's memory is a fresh copy of the content, made right before the run, as
+    # livemig's source gets its own by x-load-memory: both engines' sources take their
+    # memory from the host at the same moment (which pages a destination gets after the
+    # cold pause depends on it). prealloc=on: QEMU maps and populates its whole backend
+    # before the clock starts, as livemig's source has its memory written through its
+    # mapping.
+    shutil.copyfile(img, src_file)
     src = QemuProcess("qsrc", work, [*common, "-object",
-                                     f"memory-backend-file,id=ram0,size={size},mem-path={img},share=on,"
+                                     f"memory-backend-file,id=ram0,size={size},mem-path={src_file},share=on,"
                                      "prealloc=on"])
     dst = None
     try:
@@ -242,7 +249,7 @@ def run_qemu_a(img: Path, size: int, channels: int, mode: str, work: Path) -> di
                                          f"memory-backend-file,id=ram0,size={size},mem-path={dst_file},share=on"])
         info, s0, s1, d0, d1, tl = _migrate(src, dst, free_port(), channels, qemu=True)
         r = _result("qemu", channels, mode, info, s0, s1, d1, d0, tl, size)
-        r["src_memory_setup"] = "memory-backend-file prealloc=on"
+        r["src_memory_setup"] = "a fresh copy of the content, memory-backend-file prealloc=on"
         r["dst_guest_ram_allocated"] = allocated(dst_file)
         r["content_equal"] = files_equal(img, dst_file, size)
         return r
@@ -251,6 +258,7 @@ def run_qemu_a(img: Path, size: int, channels: int, mode: str, work: Path) -> di
         if dst is not None:
             dst.close()
         dst_file.unlink(missing_ok=True)
+        src_file.unlink(missing_ok=True)
 
 
 def livemig_args(size: int) -> list[str]:
