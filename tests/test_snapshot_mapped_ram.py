@@ -254,6 +254,8 @@ def test_direct_io_snapshot_with_writer_channels(tmp_path: Path, monkeypatch: py
         files = [flags for target, flags in descriptors_of(pid) if target == str(path)]
         assert len(files) == 1 + 3, files  # the stream, and one per channel ...
         assert sum(bool(flags & os.O_DIRECT) for flags in files) == 3  # ... which write O_DIRECT
+        # this process handed its copies over: it keeps only the migration's own descriptor
+        assert [t for t, _ in descriptors_of(os.getpid())].count(str(path)) == 1
         # threads of the writer: its main thread, the fault thread and the three channels
         assert len(threads_of(pid)) == 2 + 3, threads_of(pid)
         assert cs.outgoing.wait(60)
