@@ -48,6 +48,8 @@ def outgoing_migration(
         raise CprError("a 'cpr' channel needs the migration mode cpr-transfer")
     if caps["mapped-ram"]:
         check_target(uri, caps)
+        if caps["background-snapshot"]:  # the writer process writes the mapped-ram file
+            return OutgoingMigration(vm, uri, caps, params, emit, mode=BackgroundSnapshot.into_mapped_ram)
         return OutgoingMigration(vm, uri, caps, params, emit, channels=MappedRamSaver.attach)
     if params.direct_io:
         raise MappedRamConfigError("direct-io needs the mapped-ram capability")

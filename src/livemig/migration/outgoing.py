@@ -127,14 +127,15 @@ class OutgoingMigration(JobView):
         self.estimate = SwitchoverEstimate(params)  # bandwidth, expected-downtime, converged?
         self.throttle = MigrationThrottle(vm, caps, params)  # auto-converge, dirty-limit
         self.gate = SwitchoverGate(self.job, lambda: bool(caps["pause-before-switchover"]))
+        # writes the RAM set-up's block list (mapped-ram adds each block's file layout: its
+        # channels, or a background snapshot into a mapped-ram file — so set before the mode)
+        self.write_blocks: Callable[[QEMUFileWriter, list[Any]], None] = write_block_list
         self.mode: SourceMode = (mode or Precopy)(self)
         self.postcopy: Any = None  # the postcopy mode, for its QMP commands
         self._attach_channels = channels  # multifd: opens its channels, takes over the sink
         # runs in the migration thread before the main channel opens (cpr-transfer: hands
         # the memory over and waits until the destination listens)
         self._prepare = prepare
-        # writes the RAM set-up's block list (mapped-ram adds each block's file layout)
-        self.write_blocks: Callable[[QEMUFileWriter, list[Any]], None] = write_block_list
 
     # -- public ----------------------------------------------------------------------------
     @property

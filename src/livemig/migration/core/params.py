@@ -68,6 +68,10 @@ BACKGROUND_SNAPSHOT_INCOMPATIBLE = (
 def check_background_snapshot(caps: dict[str, bool], write_tracking: Callable[[], str | None] | None) -> None:
     """``migrate_caps_check`` for background-snapshot: write tracking, then the other caps.
 
+    One difference from QEMU: with ``mapped-ram``, ``multifd`` is allowed (it gives the
+    snapshot writer ``multifd-channels`` threads writing the file, as for a mapped-ram
+    ``file:`` migration).
+
     ``write_tracking`` returns QEMU's message if the kernel or the guest memory cannot be
     write-protected (None: probe the kernel only).
     """
@@ -78,6 +82,8 @@ def check_background_snapshot(caps: dict[str, bool], write_tracking: Callable[[]
     if problem:
         raise MigrationConfigError(problem)
     for name in BACKGROUND_SNAPSHOT_INCOMPATIBLE:
+        if name == "multifd" and caps.get("mapped-ram"):
+            continue  # livemig: the writer's file channels (multifd-channels threads)
         if caps.get(name):
             raise MigrationConfigError(f"Background-snapshot is not compatible with {name}")
 

@@ -7,6 +7,11 @@ happened to its path since), with ``O_DIRECT`` under the ``direct-io`` parameter
 aligned staging buffer; jobs are plain callables run on a free thread. ``pwritev`` and
 ``preadv`` release the GIL, so the threads' I/O runs in parallel.
 
+The descriptors are opened by :func:`open_channel_fds` in the process that has the
+migration's file; a background snapshot's writer process gets them in its set-up and
+builds its :class:`FileChannels` on them (it never opens the file itself). Buffers that
+``O_DIRECT`` writes from are page-aligned (:func:`aligned_pages`).
+
 Failure: the first error of any thread is kept, the pool stops taking jobs, and the
 migration thread gets it at its next :meth:`FileChannels.submit` or
 :meth:`FileChannels.drain`. The threads are joined by the migration's clean-up.
@@ -20,6 +25,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -30,20 +36,31 @@ STAGING_PAGES = 4096  # 16 MiB per thread
 QUEUE_PER_CHANNEL = 2
 
 
+def aligned_pages(n: int) -> np.ndarray:
+    """``n`` zeroed pages as (n, page size) rows, page-aligned (``O_DIRECT`` needs it;
+    numpy's own allocations are not)."""
+    m = mmap.mmap(-1, max(n, 1) * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(m, np.uint8).reshape(-1, PAGE_SIZE)[:n]
+
+
 class Channel:
     """One thread's descriptor, staging buffer and byte count."""
 
     def __init__(self, index: int, fd: int):
         self.index = index
         self.fd = fd
-        self._stage_map = mmap.mmap(-1, STAGING_PAGES * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.staging = np.frombuffer(self._stage_map, np.uint8).reshape(STAGING_PAGES, PAGE_SIZE)
+        self.staging = aligned_pages(STAGING_PAGES)
         self.bytes = 0  # page data moved by this channel
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def channel_count(caps: Any, params: Any) -> int:
+    """QEMU's rule: ``multifd-channels`` threads with the ``multifd`` capability, else one."""
+    return int(params.multifd_channels) if caps["multifd"] else 1
 
 
 def open_channel_fd(fd: int, path: str, write: bool, direct: bool) -> int:
@@ -60,18 +77,26 @@ def open_channel_fd(fd: int, path: str, write: bool, direct: bool) -> int:
         raise
 
 
+def open_channel_fds(fd: int, path: str, n: int, write: bool, direct: bool) -> list[int]:
+    """``n`` descriptors of the file ``fd`` for channel threads (all or none)."""
+    fds: list[int] = []
+    try:
+        for _ in range(n):
+            fds.append(open_channel_fd(fd, path, write, direct))
+    except BaseException:
+        for f in fds:
+            os.close(f)
+        raise
+    return fds
+
+
 class FileChannels:
-    def __init__(self, fd: int, path: str, n: int, write: bool, direct: bool = False):
+    """The channel threads, one per descriptor of ``fds`` (closed by :meth:`close`)."""
+
+    def __init__(self, fds: list[int], path: str, direct: bool = False):
         self.path = path
         self.direct = direct
-        self.channels: list[Channel] = []
-        try:
-            for i in range(n):
-                self.channels.append(Channel(i, open_channel_fd(fd, path, write, direct)))
-        except BaseException:
-            for ch in self.channels:
-                ch.close()
-            raise
+        self.channels = [Channel(i, fd) for i, fd in enumerate(fds)]
         self.cond = threading.Condition()
         self.jobs: deque[Callable[[Channel], None]] = deque()
         self.busy = 0
@@ -83,6 +108,11 @@ class FileChannels:
         ]
         for t in self.threads:
             t.start()
+
+    @classmethod
+    def open(cls, fd: int, path: str, n: int, write: bool, direct: bool = False) -> FileChannels:
+        """``n`` channels on the file ``fd`` of this process."""
+        return cls(open_channel_fds(fd, path, n, write, direct), path, direct)
 
     # -- threads ------------------------------------------------------------------------------
     def _run(self, ch: Channel) -> None:

@@ -21,13 +21,17 @@ a :class:`MappedRamError` naming the block and the offset.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from livemig.memory.bitmap import Bitmap, words_for
+from livemig.memory.ram_block import RAMBlock
+from livemig.migration.ram.codec import write_block_list
 from livemig.migration.stream.qemu_file import QEMUFileReader, QEMUFileWriter, StreamError
 
 HEADER = struct.Struct(">IQQQ")
@@ -93,6 +97,34 @@ def write_block_header(w: QEMUFileWriter, idstr: str, length: int) -> BlockFileL
     w.flush()
     w.transport.seek(lay.end)
     return lay
+
+
+class FileLayouts:
+    """Every block's place in the file, as the RAM set-up's block list puts it there.
+
+    :meth:`write_blocks` is an :class:`~livemig.migration.outgoing.OutgoingMigration`'s
+    ``write_blocks`` hook for a mapped-ram file: each block-list entry gets its header,
+    and the stream goes on after the block's pages. Whoever writes the pages (the
+    migration's channels, or a background snapshot's writer process, which gets
+    :meth:`describe` in its set-up) writes them at these offsets.
+    """
+
+    def __init__(self, blocks: dict[str, BlockFileLayout] | None = None):
+        self.blocks: dict[str, BlockFileLayout] = dict(blocks or {})
+
+    def write_blocks(self, w: QEMUFileWriter, blocks: list[RAMBlock]) -> None:
+        write_block_list(w, blocks, after_block=self._header)
+
+    def _header(self, w: QEMUFileWriter, block: RAMBlock) -> None:
+        self.blocks[block.idstr] = write_block_header(w, block.idstr, block.used_length)
+
+    def describe(self) -> list[dict[str, int | str]]:
+        """The layouts as JSON-able values (:meth:`from_description` reads them)."""
+        return [dataclasses.asdict(lay) for lay in self.blocks.values()]
+
+    @classmethod
+    def from_description(cls, desc: list[dict[str, Any]]) -> FileLayouts:
+        return cls({d["idstr"]: BlockFileLayout(**d) for d in desc})
 
 
 def write_bitmap(fd: int, lay: BlockFileLayout, bitmap: Bitmap) -> None:

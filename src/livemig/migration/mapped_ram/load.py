@@ -23,7 +23,13 @@ import numpy as np
 from livemig.memory.bitmap import Bitmap, words_for
 from livemig.memory.ram_block import RAMBlock
 from livemig.migration.incoming import IncomingMigration
-from livemig.migration.mapped_ram.files import STAGING_PAGES, Channel, FileChannels, pread_all
+from livemig.migration.mapped_ram.files import (
+    STAGING_PAGES,
+    Channel,
+    FileChannels,
+    channel_count,
+    pread_all,
+)
 from livemig.migration.mapped_ram.layout import (
     PAGE_SHIFT,
     BlockFileLayout,
@@ -113,8 +119,7 @@ class MappedRamLoader:
     def attach(cls, inc: IncomingMigration, params: Any) -> MappedRamLoader:
         if inc.uri.scheme != "file":
             raise MappedRamConfigError(f"mapped-ram needs a file: migration URI, not {inc.uri.scheme}:")
-        n = int(params.multifd_channels) if inc.caps["multifd"] else 1
-        loader = cls(inc, n, bool(params.direct_io))
+        loader = cls(inc, channel_count(inc.caps, params), bool(params.direct_io))
         inc.loader.block_extra = loader.block_entry
         inc.job.on_cleanup("mapped-ram channels", loader.close)
         return loader
@@ -123,7 +128,7 @@ class MappedRamLoader:
         block, lay, present = read_block_entry(self.blocks, self.inc.fd, r, e)
         name = e.name
         if self.chans is None:
-            self.chans = FileChannels(self.inc.fd, self.inc.uri.path, self.n, write=False, direct=self.direct)
+            self.chans = FileChannels.open(self.inc.fd, self.inc.uri.path, self.n, write=False, direct=self.direct)
         ld = self.inc.loader
         for starts, lengths in window_pieces(present):
             self.chans.submit(lambda ch, s=starts, n=lengths: self._read(ch, block, lay, s, n))

@@ -59,7 +59,7 @@ from livemig.migration.multifd.wire import (
 from livemig.migration.ram import splice_io
 from livemig.migration.ram.codec import RecordEncoder
 from livemig.migration.ram.pages import LocalMemory, prepare
-from livemig.migration.ram.sender import JobBatcher
+from livemig.migration.ram.sender import CountingWriter, JobBatcher
 from livemig.migration.ram.state import TARGET_PAGE_BITS, TARGET_PAGE_SIZE, BlockState, RamStats
 from livemig.migration.stream.format import RamFlag
 from livemig.migration.stream.qemu_file import QEMUFileWriter
@@ -201,22 +201,6 @@ class SendChannel:
                 self.zc_done += count
                 if code & SO_EE_CODE_ZEROCOPY_COPIED:
                     self.zc_copied += count
-
-
-class CountingWriter(QEMUFileWriter):
-    """The main channel's writer; ``bytes_written`` includes what the channels sent.
-
-    The migration's rate limit, bandwidth estimate (hence convergence) and ``transferred``
-    all read ``bytes_written``, so they see the whole migration with no change to them.
-    """
-
-    def __init__(self, transport: Any, buffer_size: int, extra: Callable[[], int]):
-        super().__init__(transport, buffer_size)
-        self._extra = extra
-
-    @property
-    def bytes_written(self) -> int:  # type: ignore[override]
-        return self._sent + self._pos + self._extra()
 
 
 class MultifdSender:

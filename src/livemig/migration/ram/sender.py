@@ -11,7 +11,8 @@ stream looks the same whichever sink carries the pages.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,6 +38,24 @@ class PageSink(Protocol):
         """The section's RAM part ends (EOS)."""
 
 
+class PreparedSink(Protocol):
+    """A sink for a caller that prepares its batches itself — the snapshot writer reads the
+    VM into :meth:`slots`, un-protects the pages, then hands the batch to :meth:`put`:
+    :class:`StreamSink`, or mapped-ram's sink (pages at their own offsets of a file)."""
+
+    def start_section(self) -> None: ...
+
+    def slots(self, n: int) -> np.ndarray:
+        """Rows for the next batch's ``n`` pages; the next :meth:`put` takes them."""
+        ...
+
+    def put(self, batch: PageBatch) -> None: ...
+
+    def end_round(self) -> None: ...
+
+    def end_section(self) -> None: ...
+
+
 class StreamSink:
     """RAM records on ``w``: the page pipeline, then the record encoder."""
 
@@ -50,6 +69,11 @@ class StreamSink:
 
     def send(self, b: BlockState, idx: np.ndarray, extents: np.ndarray | None = None) -> None:
         self.put(prepare(b, idx, self.reader, extents, out=self.encoder.slots(len(idx))))
+
+    def slots(self, n: int) -> np.ndarray:
+        """Where a caller that prepares its own batches reads ``n`` pages: the PAGE-record
+        slots (no copy when the records are written)."""
+        return self.encoder.slots(n)
 
     def put(self, batch: PageBatch) -> None:
         """Records for a batch prepared already (read straight into the record slots)."""
@@ -91,6 +115,22 @@ class JobBatcher:
         self._acc.clear()
         self._pages = 0
         return [(b, idx)]
+
+
+class CountingWriter(QEMUFileWriter):
+    """The main channel's writer; ``bytes_written`` includes what the channels sent.
+
+    The migration's rate limit, bandwidth estimate (hence convergence) and ``transferred``
+    all read ``bytes_written``, so they see the whole migration with no change to them.
+    """
+
+    def __init__(self, transport: Any, buffer_size: int, extra: Callable[[], int]):
+        super().__init__(transport, buffer_size)
+        self._extra = extra
+
+    @property
+    def bytes_written(self) -> int:  # type: ignore[override]
+        return self._sent + self._pos + self._extra()
 
 
 def send_pass(ram: RamState, sink: PageSink, w: QEMUFileWriter, max_bytes: int | None = None) -> bool:

@@ -20,6 +20,12 @@ VM process -> writer
     discarded ranges cleared), the stream (a file, or a socket), then one memfd per
     fd-backed block (for ``SEEK_DATA``/``SEEK_HOLE``: holes are never read; it is never
     mapped).
+
+    A snapshot into a mapped-ram file adds ``mapped_ram``: ``blocks`` (each block's
+    place in the file, :meth:`~livemig.migration.mapped_ram.layout.FileLayouts.describe`,
+    its header already written by the VM process), ``path`` (for messages) and
+    ``direct`` (``direct-io``); and after the memfds, one descriptor of the file per
+    channel thread (opened by the VM process, with ``O_DIRECT`` under ``direct-io``).
 ``go`` (the guest is stopped and write protection is on)
     ``device_state``: the length of the buffer taken at the stop (END ram, device
     sections, EOF, VMDESCRIPTION), in a memfd attached to the message — any size fits.
@@ -108,6 +114,13 @@ def describe_blocks(ram: RamState) -> tuple[list[dict[str, Any]], list[int]]:
         if block.fd >= 0:
             fds.append(block.fd)
     return blocks, fds
+
+
+def split_fds(setup: dict[str, Any], fds: list[int]) -> tuple[list[int], list[int]]:
+    """The set-up's descriptors after the fixed ones: (block memfds, file channels)."""
+    n = sum(1 for d in setup["blocks"] if d["fd_backed"])
+    rest = fds[FD_FIRST_BLOCK:]
+    return rest[:n], rest[n:]
 
 
 def layouts(blocks: list[dict[str, Any]], block_fds: list[int]) -> list[BlockLayout]:

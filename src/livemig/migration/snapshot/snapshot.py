@@ -29,6 +29,14 @@ log, no sync, discarded ranges cleared; early devices; ``active``); then :meth:`
 5. wait for the writer: it writes every page with its content at the stop, saving pages
    the guest writes meanwhile first (:mod:`.faults`), then END ram and the buffer.
 
+**Into a mapped-ram file** (``mapped-ram`` on, :meth:`BackgroundSnapshot.into_mapped_ram`):
+the RAM set-up written here gives each block its mapped-ram header
+(:class:`~livemig.migration.mapped_ram.layout.FileLayouts`, as a mapped-ram ``file:``
+migration does), and step 2 also hands the writer the layouts and one descriptor of the
+file per channel thread (``multifd-channels`` with ``multifd``, else one; ``O_DIRECT``
+with ``direct-io``, refused here before anything starts where the file system cannot).
+The writer then writes each page at its offset, not as a record; see :mod:`.writer`.
+
 Why a process, and why nothing can deadlock: :mod:`.writer` and ``docs/snapshot.md``. If
 the snapshot fails or is cancelled, the writer is killed first — with it goes the last
 userfaultfd reference, which releases every protected range and wakes every blocked
@@ -47,6 +55,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from livemig.memory.userfaultfd import NOT_SUPPORTED
 from livemig.migration.core.vm import MigratableVM
+from livemig.migration.mapped_ram.files import channel_count, open_channel_fds
+from livemig.migration.mapped_ram.layout import FileLayouts
 from livemig.migration.ram.state import TARGET_PAGE_SIZE
 from livemig.migration.snapshot import setup_message as msg
 from livemig.migration.snapshot.shared_stats import SharedStats
@@ -73,14 +83,24 @@ class BackgroundSnapshot:
     protection starts: what a hook sees of guest memory is what the snapshot holds.
     A test hook (class attribute), not a QMP interface."""
 
-    def __init__(self, out: OutgoingMigration):
+    def __init__(self, out: OutgoingMigration, layouts: FileLayouts | None = None):
         self.out = out
         self.vm: MigratableVM = out.vm
+        # a mapped-ram file: each block's place in it, filled while the RAM set-up is written
+        self.layouts = layouts
+        if layouts is not None:
+            out.write_blocks = layouts.write_blocks
+        self._channel_fds: list[int] = []  # the writer's descriptors of a mapped-ram file
         self.stats = SharedStats.create()  # query-migrate reads it from the start
         self.tracking: WriteTracking | None = None
         self.writer: WriterProcess | None = None
         self.relay: StreamRelay | None = None
         self.protected = threading.Event()  # set once write protection is on
+
+    @classmethod
+    def into_mapped_ram(cls, out: OutgoingMigration) -> BackgroundSnapshot:
+        """A snapshot that writes a mapped-ram file (``background-snapshot`` + ``mapped-ram``)."""
+        return cls(out, FileLayouts())
 
     @property
     def writer_pid(self) -> int:
@@ -96,6 +116,11 @@ class BackgroundSnapshot:
         out, job = self.out, self.out.job
         job.on_cleanup("statistics page", self.stats.close_fd)
         job.check_cancel()
+        if self.layouts is not None:  # before anything starts: direct-io may be refused
+            job.on_cleanup("mapped-ram channel descriptors", self._close_channel_fds)
+            n = channel_count(out.caps, out.params)
+            self._channel_fds = open_channel_fds(out.fd, out.uri.path, n, write=True,
+                                                 direct=bool(out.params.direct_io))
         self.tracking = tracking = WriteTracking(self.vm.memory.regions)
         job.on_cleanup("write tracking", tracking.stop)
         stream_fd = self._stream_for_writer()
@@ -145,23 +170,30 @@ class BackgroundSnapshot:
         self.stats["max_bandwidth"] = int(out.params.max_bandwidth)
         bitmaps = msg.bitmaps_memfd(out.ram)
         stats_fd = self.stats.share()
-        fds = [tracking.fd, stats_fd, bitmaps, stream_fd, *block_fds]
+        fds = [tracking.fd, stats_fd, bitmaps, stream_fd, *block_fds, *self._channel_fds]
+        setup: dict[str, Any] = {
+            "vm_pid": os.getpid(),
+            "ram_id": out.ram_id,
+            "stream_offset": out.writer.bytes_written,
+            "clear_bitmap_shift": out.params.x_clear_bitmap_shift,
+            "blocks": blocks,
+        }
+        if self.layouts is not None:
+            setup["mapped_ram"] = {"blocks": self.layouts.describe(), "path": out.uri.path,
+                                   "direct": bool(out.params.direct_io)}
         try:
-            writer.set_up(
-                {
-                    "vm_pid": os.getpid(),
-                    "ram_id": out.ram_id,
-                    "stream_offset": out.writer.bytes_written,
-                    "clear_bitmap_shift": out.params.x_clear_bitmap_shift,
-                    "blocks": blocks,
-                },
-                fds,
-            )
+            writer.set_up(setup, fds)
         finally:
             os.close(bitmaps)
             os.close(stats_fd)
+            self._close_channel_fds()  # the writer has its own
             if self.relay is not None:
                 self.relay.handed_over()
+
+    def _close_channel_fds(self) -> None:
+        fds, self._channel_fds = self._channel_fds, []
+        for fd in fds:
+            os.close(fd)
 
     def _switch(self, writer: WriterProcess, tracking: WriteTracking) -> None:
         """Stop, device state to a buffer, protect, ``go``, resume: the downtime."""

@@ -25,6 +25,18 @@ Two threads:
   (:class:`~livemig.migration.core.rate.RateLimiter`). Then END ram, and the device state
   the VM process took at the stop.
 
+**Into a mapped-ram file** (the set-up has ``mapped_ram``) the sink is mapped-ram's
+(:class:`~livemig.migration.mapped_ram.sink.MappedRamSink`), on channel threads of this
+process (one per descriptor of the file the set-up brings: ``multifd-channels``, or one).
+The main thread reads each batch — and the saved pages — into a page-aligned buffer
+instead of record slots, un-protects as before, and hands the batch to a channel thread,
+which writes its data pages at their offsets (``O_DIRECT`` under ``direct-io``); zero
+pages and holes are written as nothing. The fault thread is untouched: it never waits for
+the file. When every page is handed over, the channels are drained and the present-pages
+bitmaps written at their offsets (QEMU's layout); the stream's PART and END sections
+carry only EOS, then comes the device state. The VM process wrote the header, the block
+headers and the early devices; the stream continues at the file offset it left.
+
 If this process dies — an error, ``migrate_cancel`` (SIGKILL), the VM process exiting
 (the launcher kills its helpers then, and a helper dies with the launcher) — its
 userfaultfd goes with it: the VM process dropped its own copy once protection was on, so
@@ -50,8 +62,11 @@ from livemig.memory import userfaultfd as uf
 from livemig.memory.ram_block import RAMBlock
 from livemig.memory.region import MemoryRegion
 from livemig.migration.core.rate import RateLimiter
+from livemig.migration.mapped_ram.files import FileChannels
+from livemig.migration.mapped_ram.layout import FileLayouts
+from livemig.migration.mapped_ram.sink import MappedRamSink
 from livemig.migration.ram.pages import batch_of_rows, prepare
-from livemig.migration.ram.sender import StreamSink
+from livemig.migration.ram.sender import CountingWriter, PreparedSink, StreamSink
 from livemig.migration.ram.state import BATCH_PAGES, BlockState, RamState
 from livemig.migration.snapshot import setup_message as msg
 from livemig.migration.snapshot.faults import FaultServer, SavedChunk
@@ -87,18 +102,29 @@ class Writer:
         self.times: dict[str, float] = {}  # CLOCK_MONOTONIC, the same clock in every process
         self.uffd = fds[msg.FD_UFFD]
         self.stats = SharedStats(fds[msg.FD_STATS])
-        layouts = msg.layouts(setup["blocks"], fds[msg.FD_FIRST_BLOCK :])
+        block_fds, channel_fds = msg.split_fds(setup, fds)
+        layouts = msg.layouts(setup["blocks"], block_fds)
         # blocks of the VM process, described (no mapping): RamState only needs the layout
         regions = [MemoryRegion(lay.idstr, cast(RAMBlock, lay)) for lay in layouts]
         self.ram = RamState(regions, None, clear_bitmap_shift=setup["clear_bitmap_shift"], log_clear=False)
         msg.load_bitmaps(self.ram, fds[msg.FD_BITMAPS])
-        self.w = QEMUFileWriter(stream_transport(fds[msg.FD_STREAM]), 4 << 20)
         self.base = int(setup["stream_offset"])
         self.ram_id = int(setup["ram_id"])
         pid = int(setup["vm_pid"])
         self.reader = RemoteMemory(pid, BATCH_PAGES)
         self.faults = FaultServer(self.ram, self.uffd, RemoteMemory(pid, 0))
-        self.sink = StreamSink(self.w, self.ram.stats, self.reader)
+        transport = stream_transport(fds[msg.FD_STREAM])
+        self.chans: FileChannels | None = None
+        self.sink: PreparedSink
+        mr = setup.get("mapped_ram")
+        if mr is None:  # RAM records on the stream
+            self.w = QEMUFileWriter(transport, 4 << 20)
+            self.sink = StreamSink(self.w, self.ram.stats, self.reader)
+        else:  # pages at their offsets of a mapped-ram file, by channel threads
+            self.chans = chans = FileChannels(channel_fds, mr["path"], bool(mr["direct"]))
+            self.w = CountingWriter(transport, 4 << 20, chans.bytes_done)
+            self.sink = MappedRamSink(fds[msg.FD_STREAM], chans, self.w, self.ram.stats,
+                                      FileLayouts.from_description(mr["blocks"]))
         self.rate = RateLimiter(lambda: self.stats["max_bandwidth"])
 
     # -- the run -------------------------------------------------------------------------------
@@ -112,22 +138,27 @@ class Writer:
                                  "ready_at": time.monotonic()})
         device_state = self.wait_go()
         try:
-            self.write_ram()
-        finally:
-            self.faults.stop()
-            faults.join()
-            self.faults.close()
-        self.faults.check()
-        # every page was saved and un-protected; drop the registration before the end
-        for b in self.ram.blocks:
             try:
-                uf.unregister(self.uffd, b.block.host, b.block.max_length)
-            except OSError:
-                pass
-        self.send_section(SectionType.END, lambda: True)  # END ram: no page, EOS only
-        self.w.put_bytes(device_state)  # device sections, EOF, VMDESCRIPTION
-        self.w.flush()
-        self.publish()
+                self.write_ram()
+            finally:
+                self.faults.stop()
+                faults.join()
+                self.faults.close()
+            self.faults.check()
+            # every page was saved and un-protected; drop the registration before the end
+            for b in self.ram.blocks:
+                try:
+                    uf.unregister(self.uffd, b.block.host, b.block.max_length)
+                except OSError:
+                    pass
+            self.sink.end_round()  # mapped-ram: every page in the file, then the bitmaps
+            self.send_section(SectionType.END, lambda: True)  # END ram: no page, EOS only
+            self.w.put_bytes(device_state)  # device sections, EOF, VMDESCRIPTION
+            self.w.flush()
+            self.publish()
+        finally:
+            if self.chans is not None:
+                self.chans.close()
 
     def wait_go(self) -> bytes:
         """The device-state buffer, sent once the guest is stopped and protected."""
@@ -179,9 +210,10 @@ class Writer:
         return False
 
     def send_batch(self, b: BlockState, idx: np.ndarray) -> None:
-        """Copy a batch into the record slots, un-protect its span, write its records."""
+        """Copy a batch into the sink's slots, un-protect its span, hand it to the sink
+        (records written, or pages queued for the file's channels)."""
         try:
-            batch = prepare(b, idx, self.reader, out=self.sink.encoder.slots(len(idx)))
+            batch = prepare(b, idx, self.reader, out=self.sink.slots(len(idx)))
         finally:
             self.faults.copied(b, idx)  # copied (or failed: the snapshot fails anyway)
         self.sink.put(batch)
@@ -206,7 +238,7 @@ class Writer:
             for s in range(0, len(idx), BATCH_PAGES):
                 read = was_read[s : s + BATCH_PAGES]
                 k = int(np.count_nonzero(read))
-                slots = self.sink.encoder.slots(BATCH_PAGES)[:k]
+                slots = self.sink.slots(BATCH_PAGES)[:k]
                 np.take(rows, order[r : r + k], axis=0, out=slots, mode="clip")  # unbuffered
                 self.sink.put(batch_of_rows(b, idx[s : s + BATCH_PAGES], read, slots))
                 r += k
