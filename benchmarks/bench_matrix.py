@@ -45,6 +45,7 @@ from _qemu import proc_stats, stats_delta  # noqa: E402
 from _vm import MiB, VmProcess, free_port  # noqa: E402
 
 from livemig.cli import parse_size  # noqa: E402
+from livemig.cli.sizes import size_arg  # noqa: E402
 
 MODES = ("precopy", "auto-converge", "dirty-limit", "postcopy", "multifd2")
 PLUGGED = 96 * MiB
@@ -54,7 +55,7 @@ FINAL = ("completed", "failed", "cancelled")
 
 def vm_args(rate: int) -> list[str]:
     return ["--accel", "soft", "--memory", "32M", "--virtio-mem", "id=vm0,size=512M,requested-size=0",
-            "--vcpus", "2", "--dirty-rate", str(rate), "--content", "random"]
+            "--vcpus", "2", "--dirty-rate", size_arg(rate), "--content", "random"]
 
 
 class Vm(VmProcess):

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _vm import GiB, MiB, VmProcess, free_port  # noqa: E402
 
 from livemig.cli import parse_size  # noqa: E402
+from livemig.cli.sizes import size_arg  # noqa: E402
 
 CAPS = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
 
@@ -50,7 +51,7 @@ def env(**kw: str) -> Any:
 
 
 def pair(ram: int, vmem: int, plugged: int, dst_rate: str, handler_cpu: int, vcpus: int = 1) -> tuple[VmProcess, VmProcess, int]:
-    vm_args = ["--memory", str(ram), "--vcpus", str(vcpus), "--content", "random", "--accel", "soft"]
+    vm_args = ["--memory", size_arg(ram), "--vcpus", str(vcpus), "--content", "random", "--accel", "soft"]
     if vmem:
         vm_args += ["--virtio-mem", f"id=vm0,size={vmem},requested-size=0"]
     src = VmProcess("src", vm_args + ["--dirty-rate", "0"])
