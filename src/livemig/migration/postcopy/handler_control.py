@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+STATS_TIMEOUT = 2.0  # for the final statistics after "stop"
 
 
 class HandlerEvents(Protocol):
@@ -60,6 +61,7 @@ class HandlerControl:
         self._ready = threading.Event()
         self._stopping = False
         self._reader: threading.Thread | None = None
+        self.stop_timeouts = 0  # stops that waited in vain for the final statistics
 
     @property
     def last_stats(self) -> dict[str, Any]:
@@ -180,9 +182,18 @@ class HandlerControl:
         if proc is None:
             return
         if proc.poll() is None:
-            self._stats_evt.clear()
-            self.send({"op": "stop"})
-            self._stats_evt.wait(2.0)
+            if self._reader is None:
+                # spawned at POSTCOPY_ADVISE, never set up (the migration ended in
+                # precopy): it waits for its set-up, and any other message ends it. There
+                # are no statistics to wait for, and nobody would read them — waiting
+                # here once kept the source's guest stopped for the whole timeout.
+                self.send({"op": "stop"})
+            else:
+                self._stats_evt.clear()
+                self.send({"op": "stop"})
+                if not self._stats_evt.wait(STATS_TIMEOUT):
+                    self.stop_timeouts += 1
+                    log.warning("postcopy fault handler: no final statistics within %.0f s", STATS_TIMEOUT)
         proc.close(STOP_TIMEOUT)  # killed if it has not exited by then
         self.proc = None
 
