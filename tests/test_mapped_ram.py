@@ -373,15 +373,20 @@ def test_capabilities_must_match(small: Path, tmp_path: Path) -> None:
 
 
 def test_inspect_and_an_analyze_migration_walk(saved: dict[str, Any]) -> None:
-    path = saved["path"]
+    check_readers(saved["path"], saved["data"])
+
+
+def check_readers(path: Path, data: int) -> None:
+    """``livemig inspect`` and an analyze-migration.py-style walk read a mapped-ram file
+    holding ``data`` bytes of non-zero pages."""
     out = subprocess.run([sys.executable, "-m", "livemig", "inspect", "--json", "--check-discard", str(path)],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
     assert "mapped-ram" in rep["configuration"]["capabilities"]
     assert rep["complete"] and rep["check_discard"]["ok"]
-    assert rep["ram"]["normal"] * PAGE_SIZE == saved["data"]  # present pages, from the bitmaps
-    assert rep["ram"]["zero"] == 0  # no page records at all
+    assert rep["ram"]["normal"] * PAGE_SIZE == data  # present pages, from the bitmaps
+    assert rep["ram"]["zero"] == 0  # no page records at all: the pages are at their offsets
     walk_like_analyze_migration(path)
 
 
