@@ -285,6 +285,13 @@ def test_ctrl_c_cancels_the_migration_and_says_so(cmd: str, tmp_path: Path):
     what = "migration" if cmd == "migrate" else "snapshot"
     try:
         with v.client() as c:
+            # 256 MiB of data at 16 MiB/s: 16 s to cancel in. Without waiting for the
+            # guest's first fill, a starved vCPU left memory zero and the migration
+            # completed in a fraction of a second (seen once in CI under load)
+            deadline = time.monotonic() + 60
+            while not c.execute("x-query-guest")["fill-done"]:
+                assert time.monotonic() < deadline, "the guest's first fill did not finish"
+                time.sleep(0.02)
             c.execute("migrate-set-parameters", **{"max-bandwidth": 16 * MiB})
             target = f"file:{tmp_path / 'slow.stream'}"
             mig = subprocess.Popen([*LIVEMIG, cmd, "--qmp", v.address, target],
