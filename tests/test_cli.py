@@ -285,17 +285,19 @@ def test_ctrl_c_cancels_the_migration_and_says_so(cmd: str, tmp_path: Path):
     what = "migration" if cmd == "migrate" else "snapshot"
     try:
         with v.client() as c:
-            # 256 MiB of data at 16 MiB/s: 16 s to cancel in. Without waiting for the
-            # guest's first fill, a starved vCPU left memory zero and the migration
-            # completed in a fraction of a second (seen once in CI under load)
+            # 256 MiB of data at 16 MiB/s: 16 s to cancel in, once the guest's first fill
+            # has written it (a guest still zero would migrate in a moment)
             deadline = time.monotonic() + 60
             while not c.execute("x-query-guest")["fill-done"]:
                 assert time.monotonic() < deadline, "the guest's first fill did not finish"
                 time.sleep(0.02)
             c.execute("migrate-set-parameters", **{"max-bandwidth": 16 * MiB})
             target = f"file:{tmp_path / 'slow.stream'}"
+            # SIGINT as a terminal's shell leaves it: a test run started in the background
+            # (``&`` without job control) hands its children SIGINT ignored
             mig = subprocess.Popen([*LIVEMIG, cmd, "--qmp", v.address, target],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
             wait_status(c, "active")
             time.sleep(0.3)
             mig.send_signal(signal.SIGINT)
