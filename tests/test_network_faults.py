@@ -561,3 +561,49 @@ def test_postcopy_survives_a_silent_link_three_times_once_in_the_recovery_handsh
     finally:
         for o in outages:
             print(o.line(), flush=True)
+
+
+@pytest.mark.skipif(postcopy_uffd.available() is not None, reason="no userfaultfd")
+@pytest.mark.timeout(180)
+def test_postcopy_pauses_both_sides_when_the_destination_process_is_stopped(
+    link: netns.Link, hosts: MakeHost
+) -> None:
+    """A destination held with SIGSTOP in ``postcopy-active``: its kernel still answers,
+    so the source's pushes fill the socket buffers and stall on a zero window, and the
+    source's user timeout pauses it; the destination, let go, finds the connection reset
+    and pauses too. Both recover over a new connection and the guest ends with the
+    source's memory."""
+    src = hosts("a", "src", "--dirty-rate", "8M", memory="128M")
+    dst = hosts("b", "dst", "-S", memory="128M", incoming=True)
+    wait_until(lambda: src("x-query-guest")["fill-done"], 30, "the guest's first fill")
+    for h in (src, dst):
+        h.caps(events=True, postcopy_ram=True)
+    src.params(max_bandwidth=64 * MiB, max_postcopy_bandwidth=16 * MiB)  # busy for ~8 s
+    uri = f"tcp:{dst.addr}:4470"
+    dst("migrate-incoming", uri=uri)
+    src("migrate", uri=uri)
+    wait_until(lambda: src.status() == "active", 10, "active")
+    src("migrate-start-postcopy")
+    wait_until(lambda: src.status() == dst.status() == "postcopy-active", 15, "postcopy-active")
+    assert src.info()["ram"]["remaining"] > 0, "the push ended before the fault"
+    dst.sigstop()
+    # the buffers fill at the push's rate, then the user timeout runs (4 s by default)
+    took = wait_until(lambda: src.status() == "postcopy-paused", 15, "the source to pause")
+    err = src.info().get("error-desc", "")
+    assert "went silent" in err, err
+    dst.sigcont()
+    wait_until(lambda: dst.status() == "postcopy-paused", 10, "the destination to pause")
+    print(f"source paused {took:.2f} s after SIGSTOP: {err}", flush=True)
+    uri = f"tcp:{dst.addr}:4471"
+    dst("migrate-recover", uri=uri)
+    src("migrate", uri=uri, resume=True)
+    wait_until(lambda: src.status() == dst.status() == "postcopy-active", 15, "postcopy-active again")
+    src.params(max_postcopy_bandwidth=0)
+    wait_until(lambda: src.status() == dst.status() == "completed", 60, "completed")
+    assert src.info()["ram"]["postcopy-recoveries"] == 1
+    for h in (src, dst):
+        states = migration_events(h)
+        assert states.count("postcopy-paused") == 1 and states[-1] == "completed", states
+    assert src.checksum() == dst.checksum()
+    dst("cont")
+    assert dst.runstate() == "running"
