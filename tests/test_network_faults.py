@@ -607,3 +607,38 @@ def test_postcopy_pauses_both_sides_when_the_destination_process_is_stopped(
     assert src.checksum() == dst.checksum()
     dst("cont")
     assert dst.runstate() == "running"
+
+
+@pytest.mark.skipif(postcopy_uffd.available() is not None, reason="no userfaultfd")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", ["source", "destination"])
+def test_postcopy_pauses_the_survivor_when_a_side_is_killed(hosts: MakeHost, victim: str) -> None:
+    """SIGKILL of one side in ``postcopy-active``: the other gets a reset at once and
+    pauses (it cannot fail: the guest's state is split between the two). Nothing can
+    bring back what the dead side held, as in QEMU; the survivor waits, answering QMP,
+    for a recovery that an operator may still attempt (a destination) or gives up on."""
+    src = hosts("a", "src", "--dirty-rate", "8M", memory="128M")
+    dst = hosts("b", "dst", memory="128M", incoming=True)
+    wait_until(lambda: src("x-query-guest")["fill-done"], 30, "the guest's first fill")
+    for h in (src, dst):
+        h.caps(events=True, postcopy_ram=True)
+    src.params(max_bandwidth=64 * MiB, max_postcopy_bandwidth=8 * MiB)  # busy for a while
+    uri = f"tcp:{dst.addr}:4472"
+    dst("migrate-incoming", uri=uri)
+    src("migrate", uri=uri)
+    wait_until(lambda: src.status() == "active", 10, "active")
+    src("migrate-start-postcopy")
+    wait_until(lambda: src.status() == dst.status() == "postcopy-active", 15, "postcopy-active")
+    assert src.info()["ram"]["remaining"] > 0, "the push ended before the fault"
+    dead, survivor = (src, dst) if victim == "source" else (dst, src)
+    dead.kill()
+    took = wait_until(lambda: survivor.status() == "postcopy-paused", 5, "the survivor to pause")
+    print(f"{victim} killed: the other side paused after {took:.2f} s: "
+          f"{survivor.info().get('error-desc')}", flush=True)
+    assert took < 3.0  # a reset, not a timeout
+    # the survivor stays paused and answers; the destination's guest (now the only one)
+    # still runs, the source's stays stopped in finish-migrate (QEMU's runstate through
+    # postcopy): the destination ran the guest, the source must never resume it
+    time.sleep(1.0)
+    assert survivor.status() == "postcopy-paused"
+    assert survivor.runstate() == ("running" if survivor is dst else "finish-migrate")
