@@ -340,6 +340,8 @@ class QEMUFileReader:
             raise ValueError(f"buffer_size {buffer_size} is too small")
         self.transport = transport
         self._recv = _make_receiver(transport)
+        # a connection (recv_into: a socket, TLS too): its end is the peer closing it
+        self._connection = getattr(transport, "recv_into", None) is not None
         self._owns = owns_transport
         self._buf = bytearray(buffer_size)
         self._mv = memoryview(self._buf)
@@ -355,7 +357,8 @@ class QEMUFileReader:
         return self._base + self._start
 
     def _truncated(self, offset: int, wanted: int, got: int) -> StreamError:
-        return StreamError(offset, f"truncated stream: wanted {wanted} bytes, got {got}")
+        why = " (the peer closed the connection)" if self._connection else ""
+        return StreamError(offset, f"truncated stream: wanted {wanted} bytes, got {got}{why}")
 
     # -- buffer access ------------------------------------------------------------------------
     def buffered(self) -> memoryview:
