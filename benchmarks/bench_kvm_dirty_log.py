@@ -118,9 +118,12 @@ def kvm_migration(postcopy: bool = False) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5,
+                    help="at least 2: clears alternate between the whole slot and 64 MiB chunks")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    if args.reps < 2:
+        ap.error(f"--reps {args.reps}: at least 2 (clears alternate between the two ways)")
     why = kvm_available()
     if why:
         print(json.dumps({"skipped": why}))
