@@ -231,3 +231,25 @@ def test_virtio_mem_is_busy_while_migrating(tmp_path: Path, pair) -> None:  # no
     cs.migrate_cancel()
     assert cs.outgoing.wait(10)
     wait_for(lambda: src.vmem.size == 64 * MiB, what="unplug once the migration ended")
+
+
+def test_a_stopped_guest_plugs_and_unplugs_nothing() -> None:
+    """The virtio-mem driver is guest code: while the vCPUs are stopped (``stop``, a
+    paused destination, a source after its migration) a new requested size waits, and
+    the guest's memory stays as it is; ``cont`` lets the driver act. (Once, a stopped
+    destination unplugged memory right after a migration, and its checksum no longer
+    matched the source's.)"""
+    m = machine(False, dirty_rate=0)
+    try:
+        boot(m, 128 * MiB)
+        assert m.vmem is not None and m.driver is not None
+        m.stop()
+        before = m.checksum()
+        m.vmem.set_requested_size(64 * MiB)
+        time.sleep(0.5)  # the driver retries every 50 ms: ten chances to act
+        assert m.driver.plugged_size == 128 * MiB and m.vmem.size == 128 * MiB
+        assert m.checksum() == before
+        m.cont()
+        wait_for(lambda: m.vmem.size == 64 * MiB and m.driver.settled, what="unplug after cont")
+    finally:
+        m.close()

@@ -77,6 +77,10 @@ class VirtioMemDriver:
         self.requests_sent = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # a real driver is guest code: it acts only while the guest's vCPUs run (the
+        # machine says when; a driver on its own runs from the start)
+        self._running = threading.Event()
+        self._running.set()
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -99,8 +103,17 @@ class VirtioMemDriver:
         self._idle.clear()
         self._wake.set()
 
+    def set_running(self, running: bool) -> None:
+        """The guest's vCPUs run, or stopped: a stopped guest plugs and unplugs nothing
+        (a paused destination or a source after its migration keeps its memory as it is)."""
+        if running:
+            self._running.set()
+        else:
+            self._running.clear()
+
     def stop(self) -> None:
         self._stop.set()
+        self._running.set()  # a wait for the guest to run ends too
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=5)
@@ -124,6 +137,9 @@ class VirtioMemDriver:
             self._wake.wait()
             self._wake.clear()
             while not self._stop.is_set():
+                if not self._running.is_set():
+                    self._running.wait()  # the guest is stopped: nothing happens in it
+                    continue
                 try:
                     progress = self._step()
                 except Exception:  # the driver must survive anything the device says

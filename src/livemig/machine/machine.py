@@ -213,6 +213,7 @@ class Machine:
                 self.driver.adopt(adopt_plugged)
             driver = self.driver
             vmem.on_config_change.append(lambda _dev: driver.config_changed())
+            driver.set_running(self.runstate == "running")
             self.driver.start()
         self.accel.start_vcpus(self.config.workload.vcpus, self.workload.vcpu)
         self._started = True
@@ -237,6 +238,8 @@ class Machine:
 
     def _set_runstate(self, state: str) -> None:
         old, self.runstate = self.runstate, state
+        if self.driver is not None:  # guest code: it runs only while the guest does
+            self.driver.set_running(state == "running")
         if old != state:
             for fn in list(self.runstate_listeners):
                 try:
