@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from test_mapped_ram import (
     machine,
     nonzero_bytes,
     restore,
+    wait_for,
 )
 
 from livemig.control.qmp_server import QMPError
@@ -96,14 +96,6 @@ def snapshot_into(ctl: VMController, path: Path, channels: int = 2, direct: bool
     caps(ctl, "background-snapshot", "mapped-ram", *(("multifd",) if channels > 1 else ()))
     ctl.migrate_set_parameters(multifd_channels=max(channels, 1), direct_io=direct, max_bandwidth=bandwidth)
     ctl.migrate(f"file:{path}")
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
