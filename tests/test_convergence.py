@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from test_precopy import wait_for
 
 from livemig.accel.kvm import kvm_available
 from livemig.control.qmp_server import QMPError
@@ -38,14 +39,6 @@ def machine(accel: str, incoming: bool = False) -> Machine:
     return Machine(MachineConfig(
         memory=32 * MiB, incoming=incoming, virtio_mem=VirtioMemConfig(size=256 * MiB),
         workload=WorkloadConfig(vcpus=2, dirty_rate=RATE, content="random")))
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def boot(m: Machine) -> None:

@@ -6,10 +6,11 @@ expected-downtime, calc-dirty-rate / query-dirty-rate, blocked-reasons.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_precopy import wait_for
 
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
@@ -24,14 +25,6 @@ def machine(incoming: bool = False, rate: int = 16 * MiB, region: int = 256 * Mi
     return Machine(MachineConfig(
         memory=32 * MiB, incoming=incoming, virtio_mem=VirtioMemConfig(size=region),
         workload=WorkloadConfig(vcpus=2, dirty_rate=rate, content="random")))
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def boot(m: Machine, plugged: int = 32 * MiB) -> None:
