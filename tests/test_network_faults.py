@@ -417,6 +417,11 @@ def next_roles(pool: Pool, case: Case) -> None:
     after a completed migration the destination is the next source."""
     if case.src_end == "killed":
         pool.src = pool.start(pool.src.side, incoming=False)
+    elif case.src_end == "completed" and case.dst_end == "killed":
+        # the guest went with the destination, killed after it had completed: the
+        # source, stopped for good (postmigrate), is not a running guest to migrate
+        old_src, pool.src = pool.src, pool.start(pool.src.side, incoming=False)
+        old_src.close()
     if case.dst_end == "killed":
         pool.dst = pool.start(pool.dst.side, incoming=True)
     elif case.dst_end == "completed":
