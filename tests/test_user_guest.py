@@ -22,6 +22,7 @@ plugged, whatever QMP asks for.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,7 +81,8 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condi
 
 
 def sweeps(text: str) -> int:
-    return text.count("sweep ")
+    """Complete sweep lines (a line the guest is still writing does not count)."""
+    return len(re.findall(r"sweep [0-9a-f]{8}\r\n", text))
 
 
 def wait_sweeps(tmp_path: Path, name: str, n: int) -> None:
