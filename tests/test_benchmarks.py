@@ -55,3 +55,20 @@ def test_a_bad_benchmark_option_is_one_line() -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("--reps 1: at least 2 (clears alternate between the two ways)")
+
+
+def test_probe_kvm_paging_sees_a_guest_succeed_and_reports_each_mode() -> None:
+    from livemig.accel.kvm import kvm_available
+
+    if (why := kvm_available()) is not None:
+        pytest.skip(f"needs /dev/kvm: {why}")
+    proc = bench("probe_kvm_paging", timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    # the control (no paging, memory at 3 GiB) must work, or the probe could not tell
+    # a paging guest that succeeds from one that fails
+    assert out["control_flat_at_3g"] == {**out["control_flat_at_3g"], "exit": "IO", "marker_written": True}, out
+    for mode in ("guest_pae_paging", "guest_pse36_paging"):
+        run = out[mode]
+        assert run["marker_written"] == (run["exit"] == "IO"), out  # a guest that stopped wrote nothing
+    assert isinstance(out["set_sregs_paging"]["kept_pg"], bool), out
