@@ -570,14 +570,15 @@ def test_postcopy_survives_a_silent_link_three_times_once_in_the_recovery_handsh
             print(o.line(), flush=True)
 
 
-def postcopy_in_flight(hosts: MakeHost, port: int, push: int, *dst_args: str) -> tuple[Host, Host]:
+def postcopy_in_flight(hosts: MakeHost, port: int, push: int, *dst_args: str,
+                       preempt: bool = False) -> tuple[Host, Host]:
     """A 128 MiB guest (writing 8 MiB/s) in ``postcopy-active`` between two new VMs, the
     source pushing at ``push`` bytes/s so that pages are still on their way."""
     src = hosts("a", "src", "--dirty-rate", "8M", memory="128M")
     dst = hosts("b", "dst", *dst_args, memory="128M", incoming=True)
     wait_until(lambda: src("x-query-guest")["fill-done"], 30, "the guest's first fill")
     for h in (src, dst):
-        h.caps(events=True, postcopy_ram=True)
+        h.caps(events=True, postcopy_ram=True, postcopy_preempt=preempt)
     src.params(max_bandwidth=64 * MiB, max_postcopy_bandwidth=push)
     uri = f"tcp:{dst.addr}:{port}"
     dst("migrate-incoming", uri=uri)
@@ -621,6 +622,45 @@ def test_postcopy_pauses_both_sides_when_the_destination_process_is_stopped(
     assert src.checksum() == dst.checksum()
     dst("cont")
     assert dst.runstate() == "running"
+
+
+@pytest.mark.skipif(postcopy_uffd.available() is not None, reason="no userfaultfd")
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-stream", "preempt"])
+def test_postcopy_destination_pauses_when_the_source_process_is_stopped(hosts: MakeHost, preempt: bool) -> None:
+    """A source held with SIGSTOP in ``postcopy-active``: its kernel acknowledges the
+    destination's page requests and answers keepalives, so no socket call on the
+    destination fails and TCP alone would leave the guest waiting on its faults forever.
+    The fault handler sees requests unanswered for the user timeout with nothing from the
+    source meanwhile, and the destination pauses; the source, let go, finds its
+    connection shut and pauses too. Both recover and every page arrives."""
+    # the destination's guest writes as the source's does (its own --dirty-rate)
+    src, dst = postcopy_in_flight(hosts, 4476 + 2 * preempt, 8 * MiB, "--dirty-rate", "8M", preempt=preempt)
+    src.sigstop()
+    # the destination's guest runs on, faults on pages still at the source, and waits
+    took = wait_until(lambda: dst.status() == "postcopy-paused", 15, "the destination to pause")
+    err = dst.info().get("error-desc", "")
+    print(f"source stopped: the destination paused after {took:.2f} s: {err}", flush=True)
+    assert "the source answered no page request for 4 s" in err, err
+    assert took >= 3.5, took  # the user timeout (4 s), not a reset
+    src.sigcont()
+    wait_until(lambda: src.status() == "postcopy-paused", 10, "the source to pause")
+    uri = f"tcp:{dst.addr}:{4477 + 2 * preempt}"
+    dst("migrate-recover", uri=uri)
+    src("migrate", uri=uri, resume=True)
+    wait_until(lambda: src.status() == dst.status() == "postcopy-active", 15, "postcopy-active again")
+    src.params(max_postcopy_bandwidth=0)
+    wait_until(lambda: src.status() == dst.status() == "completed", 60, "completed")
+    assert src.info()["ram"]["postcopy-recoveries"] == 1
+    for h in (src, dst):
+        states = migration_events(h)
+        assert states.count("postcopy-paused") == 1 and states[-1] == "completed", states
+    # the guest ran on the destination all along, so the two memories differ by its
+    # writes: check instead that every page arrived and the guest went on writing
+    ram = dst.info()["ram"]
+    assert ram["postcopy-lost-pages"] == 0 and ram["postcopy-requests"] > 0, ram
+    written = dst("x-query-guest")["pages-written"]
+    wait_until(lambda: dst("x-query-guest")["pages-written"] > written, 10, "the guest to write on")
 
 
 @pytest.mark.skipif(postcopy_uffd.available() is not None, reason="no userfaultfd")

@@ -12,6 +12,7 @@ Pages the destination wrote were already sent, so the mirrored content never tra
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
@@ -19,6 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -461,12 +463,15 @@ class HandlerEvents:
         self.requests: list[list] = []
         self.requested = threading.Event()
         self.exited = threading.Event()
+        self.lost: list[str] = []
+        self.was_lost = threading.Event()
 
     def channel_eos(self) -> None:
         pass
 
     def channel_lost(self, why: str) -> None:
-        pass
+        self.lost.append(why)
+        self.was_lost.set()
 
     def forward_requests(self, pages: list[list]) -> None:
         self.requests += pages
@@ -476,6 +481,61 @@ class HandlerEvents:
         self.exited.set()
 
 
+@dataclass
+class HandlerRig:
+    """A fault handler at work (:func:`fault_handler`)."""
+
+    block: RAMBlock
+    uffd: int
+    received: ReceivedMap
+    events: HandlerEvents
+    handler: HandlerControl
+    readers: list[threading.Thread] = field(default_factory=list)
+
+    def touch(self, page: int) -> None:
+        """A thread reads ``page``: it waits in a fault until the page is placed."""
+        buf = ctypes.create_string_buffer(4096)
+        t = threading.Thread(target=ctypes.memmove, args=(buf, self.block.host + page * 4096, 4096), daemon=True)
+        self.readers.append(t)
+        t.start()
+
+
+@contextlib.contextmanager
+def fault_handler(backend: str = "memfd", stall_ms: int = 0) -> Iterator[HandlerRig]:
+    """The real handler process over a 64-page block registered with a real userfaultfd,
+    set up as the destination does without a postcopy channel."""
+    block = RAMBlock("pc.ram", 64 * 4096, backend)
+    fd = postcopy_uffd.open_uffd()
+    received = ReceivedMap([block])
+    events = HandlerEvents()
+    handler = HandlerControl(events)
+    rig = HandlerRig(block, fd, received, events, handler)
+
+    try:
+        postcopy_uffd.register_missing(fd, block.host, block.used_length)
+        handler.spawn()
+        blocks = [{"idstr": block.idstr, "host": block.host, "length": block.used_length,
+                   "recv_off": 0, "plugged": None}]
+        handler.setup({"op": "setup", "blocks": blocks, "recv_size": received.size,
+                       "progress_off": received.progress_off, "stall_ms": stall_ms, "preempt": False,
+                       "blocktime": False, "cpu": -1, "nice": 0}, [fd, received.fd])  # fmt: skip
+        handler.give_channel(None)  # requests come back through forward_requests
+        handler.stats()  # a round trip: the channel is set before the fault (else it re-sends)
+        yield rig
+    finally:
+        try:  # wakes readers still waiting, before their memory goes
+            postcopy_uffd.unregister(fd, block.host, block.used_length)
+        except OSError:
+            pass
+        for t in rig.readers:
+            t.join(10)
+        handler.close()
+        received.close()
+        os.close(fd)
+        if not any(t.is_alive() for t in rig.readers):
+            block.close()
+
+
 @pytest.mark.parametrize("backend", ["memfd", "anon"])
 def test_fault_handler_survives_a_zero_page_noted_after_unregistering(backend: str) -> None:
     """The race behind a rare failure of the anon-preempt case: a thread faults on a page
@@ -483,46 +543,42 @@ def test_fault_handler_survives_a_zero_page_noted_after_unregistering(backend: s
     just as completion unregisters guest RAM. Settling it (UFFDIO_ZEROPAGE) fails with
     ENOENT then; the handler used to die of it, and its final statistics (request count,
     blocktime) were lost. The real handler process, real userfaultfd."""
-    block = RAMBlock("pc.ram", 64 * 4096, backend)
-    fd = postcopy_uffd.open_uffd()
-    received = ReceivedMap([block])
-    events = HandlerEvents()
-    handler = HandlerControl(events)
-    reader: threading.Thread | None = None
-    try:
-        postcopy_uffd.register_missing(fd, block.host, block.used_length)
-        handler.spawn()
-        blocks = [{"idstr": block.idstr, "host": block.host, "length": block.used_length,
-                   "recv_off": 0, "plugged": None}]
-        handler.setup({"op": "setup", "blocks": blocks, "recv_size": received.size, "preempt": False,
-                       "blocktime": False, "cpu": -1, "nice": 0}, [fd, received.fd])
-        handler.give_channel(None)  # requests come back through forward_requests
-        handler.stats()  # a round trip: the channel is set before the fault (else it re-sends)
+    with fault_handler(backend) as rig:
         page = 3
-        buf = ctypes.create_string_buffer(4096)
-        reader = threading.Thread(target=ctypes.memmove, args=(buf, block.host + page * 4096, 4096),
-                                  daemon=True)
-        reader.start()
-        assert events.requested.wait(10) and events.requests == [[block.idstr, page]]
-        postcopy_uffd.unregister(fd, block.host, block.used_length)  # completion: wakes the reader
-        reader.join(10)
-        assert not reader.is_alive()
-        received.of(block)[page] = RECV_ZERO  # the loader notes the ZERO record
-        wait_for(lambda: handler.stats().get("pending") == 0 or events.exited.is_set(), what="settled")
-        assert not events.exited.is_set(), "the fault handler died"
-        assert handler.stats()["latency-count"] == 1
-    finally:
-        try:  # wakes a reader still waiting, before its memory goes
-            postcopy_uffd.unregister(fd, block.host, block.used_length)
-        except OSError:
-            pass
-        if reader is not None:
-            reader.join(10)
-        handler.close()
-        received.close()
-        os.close(fd)
-        if reader is None or not reader.is_alive():
-            block.close()
+        rig.touch(page)
+        assert rig.events.requested.wait(10) and rig.events.requests == [[rig.block.idstr, page]]
+        # completion: wakes the reader
+        postcopy_uffd.unregister(rig.uffd, rig.block.host, rig.block.used_length)
+        rig.readers[0].join(10)
+        assert not rig.readers[0].is_alive()
+        rig.received.of(rig.block)[page] = RECV_ZERO  # the loader notes the ZERO record
+        wait_for(lambda: rig.handler.stats().get("pending") == 0 or rig.events.exited.is_set(), what="settled")
+        assert not rig.events.exited.is_set(), "the fault handler died"
+        assert rig.handler.stats()["latency-count"] == 1
+
+
+def test_fault_handler_reports_a_source_that_answers_nothing() -> None:
+    """A stopped source (SIGSTOP): its kernel acknowledges the requests and answers
+    keepalives, so no socket call ever fails. The handler reports the link lost once a
+    request has waited ``stall_ms`` with nothing from the source meanwhile — and not while
+    the loader still takes batches off the main stream (a busy source, requests queued
+    behind its pushes)."""
+    with fault_handler(stall_ms=600) as rig:
+        events = rig.events
+        rig.touch(3)
+        assert events.requested.wait(10)
+        busy_until = time.monotonic() + 1.5  # the main stream moves: a batch every 0.1 s
+        while time.monotonic() < busy_until:
+            rig.received.tick()
+            time.sleep(0.1)
+        assert not events.lost, events.lost
+        quiet = time.monotonic()  # now nothing comes
+        assert events.was_lost.wait(10), "a silent source was not reported"
+        took = time.monotonic() - quiet
+        assert 0.5 <= took < 3.0, took
+        assert "answered no page request for 0.6 s" in events.lost[0], events.lost
+        time.sleep(1.0)
+        assert len(events.lost) == 1, events.lost  # once per link, until it is set again
 
 
 def test_recv_bitmap_wire_format() -> None:

@@ -190,6 +190,9 @@ class PostcopyIncoming:
             "op": "setup",
             "blocks": blocks,
             "recv_size": received.size,
+            "progress_off": received.progress_off,
+            # a source that answers no request for this long is declared silent
+            "stall_ms": int(self.inc.params.x_tcp_user_timeout),
             "preempt": self.preempt,
             "blocktime": bool(self.inc.caps["postcopy-blocktime"]),
             "cpu": handler_cpu(),

@@ -30,6 +30,16 @@ that is present (``EEXIST``), and the loser of such a race just counts it.
 Without the postcopy channel (``postcopy-preempt`` off), requests are handed to the VM
 process, which sends them on the main return path; pages then arrive on the main stream.
 
+A *stopped* source (SIGSTOP, a debugger, a host that freezes the process but not its
+kernel) is the one silence TCP cannot see: its kernel acknowledges the requests and
+answers keepalives, so no socket call ever fails, and the guest would wait forever on its
+faults. So this process watches for it: when a request has waited ``stall_ms``
+(``x-tcp-user-timeout``) and nothing came from the source for as long — no byte on the
+postcopy channel, no page of a request placed, no batch taken off the main stream by the
+loader (the received map's counter) — it reports the link lost, and the destination pauses
+(``postcopy-paused``) as for any other broken link, ready for ``migrate-recover``. A busy
+source never trips it: it always sends something within seconds while pages are asked of it.
+
 Standard library only (the launcher preloads it; it also keeps the handler small).
 """
 
@@ -113,6 +123,11 @@ class Handler:
         self._recv_map = mmap.mmap(recv_fd, size, flags=mmap.MAP_SHARED)
         os.close(recv_fd)
         self.recv = memoryview(self._recv_map)
+        self._progress_off = int(setup["progress_off"])
+        self.stall = float(setup.get("stall_ms", 0)) / 1000  # 0: never declare a stall
+        self._watching = False  # armed while a link is up (set_channel), until it is lost
+        self._last_sign = time.perf_counter()  # the last time the source showed it is alive
+        self._last_count = 0
         self.preempt = setup["preempt"]
         self.blocktime = setup.get("blocktime", False)
         try:  # the urgent path runs ahead of bulk work (docs/postcopy.md, measurements)
@@ -174,6 +189,7 @@ class Handler:
                 self.all_blocked_since = now
 
     def _finish(self, key: tuple[str, int], now: float) -> None:
+        self._last_sign = now
         t_req = self.pending.pop(key, None)
         if t_req is not None and len(self.latencies) < MAX_LATENCIES:
             self.latencies.append(now - t_req)
@@ -267,9 +283,25 @@ class Handler:
                         raise
             self._finish(key, now)
 
+    def check_stall(self) -> None:
+        """Report a source that answers nothing (module docstring: a stopped source)."""
+        if not (self.stall and self._watching and self.pending):
+            return
+        now = time.perf_counter()
+        count = int.from_bytes(self._recv_map[self._progress_off : self._progress_off + 8], "little")
+        if count != self._last_count:  # the loader took pages off the main stream
+            self._last_count, self._last_sign = count, now
+            return
+        if now - self._last_sign < self.stall or now - min(self.pending.values()) < self.stall:
+            return
+        self._watching = False
+        self._lost(f"Connection timed out: the source answered no page request for {self.stall:g} s "
+                   "and sent nothing meanwhile (x-tcp-user-timeout): it is stopped or frozen")
+
     # -- the postcopy channel ---------------------------------------------------------------------
     def set_channel(self, fd: int | None) -> None:
         self._close_channel()
+        self._watching, self._last_sign = True, time.perf_counter()
         self.chan_eos = False
         self._start = self._end = 0
         self._chan_block = None
@@ -320,6 +352,7 @@ class Handler:
                 self._close_channel()
             return
         self._end += n
+        self._last_sign = time.perf_counter()
         self._parse()
 
     def _parse(self) -> None:
@@ -401,6 +434,7 @@ class Handler:
         if op == "channel":
             self.set_channel(fds[0] if fds else None)
         elif op == "pause":
+            self._watching = False
             self._close_channel()
         elif op == "vcpus":
             self.vcpus = {int(t): i for i, t in enumerate(msg["tids"])}
@@ -466,6 +500,7 @@ class Handler:
                 elif self.chan is not None and fd_ == self.chan.fileno():
                     self.read_channel()
             self.check_pending()
+            self.check_stall()
 
 
 def helper_main(fds: list[int]) -> int:

@@ -5,7 +5,9 @@ maps too: ``RECV_NONE`` (not here), ``RECV_DATA`` (placed), ``RECV_ZERO`` (the s
 sent it as zero; placed lazily, on the first fault), ``RECV_LOCAL`` (discarded memory a
 thread touched, answered here with a zero page and given back at the end). The loader
 writes it for pages of the main stream, the handler for the pages it places; bytes are
-written whole, so neither disturbs the other's pages.
+written whole, so neither disturbs the other's pages. After the pages, one u64 counts the
+loader's batches (:meth:`ReceivedMap.tick`): the handler's sign that the main stream
+still moves, which it needs to tell a stopped source from a busy one (handler module).
 
 :class:`PostcopyPlacer` is the loader's :class:`~livemig.migration.ram.load.PagePlacer`
 after LISTEN: guest RAM is registered with userfaultfd then, so a page is never written
@@ -41,7 +43,8 @@ class ReceivedMap:
             self.offsets[b.idstr] = off
             off += b.used_length >> TARGET_PAGE_BITS
         self.pages = off
-        self.size = max(off, 1)
+        self.progress_off = -(-off // 8) * 8  # the batch counter, after the pages
+        self.size = self.progress_off + 8
         self.fd = os.memfd_create("livemig:postcopy-received", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, self.size)
@@ -50,6 +53,12 @@ class ReceivedMap:
             os.close(self.fd)
             raise
         self.bytes: np.ndarray | None = np.frombuffer(self._map, np.uint8, count=off)
+        self._progress: np.ndarray | None = np.frombuffer(self._map, np.uint64, count=1, offset=self.progress_off)
+
+    def tick(self) -> None:
+        """The loader took a batch off the main stream (the handler watches this count)."""
+        if self._progress is not None:
+            self._progress[0] += 1
 
     def of(self, block: RAMBlock) -> np.ndarray:
         """The bytes of ``block``'s used pages (a view: writes go to the shared map)."""
@@ -88,7 +97,7 @@ class ReceivedMap:
 
     def close(self) -> None:
         """Unmap and close (idempotent); the handler keeps its own mapping until it exits."""
-        self.bytes = None
+        self.bytes = self._progress = None
         if self._map is not None:
             try:
                 self._map.close()
@@ -117,6 +126,7 @@ class PostcopyPlacer:
         ``data`` is a view of the reader's buffer (strided records), so pages are staged
         in a private buffer and each run of consecutive pages is one ioctl.
         """
+        self.received.tick()
         recv = self.received.of(block)
         todo = recv[pages] == RECV_NONE
         if not todo.all():
@@ -141,6 +151,7 @@ class PostcopyPlacer:
     def zero_pages(self, block: RAMBlock, pages: np.ndarray) -> None:
         """ZERO records are remembered, not placed: placing would allocate a memfd hole
         that reads as zero already; the first fault, if any, maps a zero page."""
+        self.received.tick()
         recv = self.received.of(block)
         cur = recv[pages]
         recv[pages[cur == RECV_NONE]] = RECV_ZERO
