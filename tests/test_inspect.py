@@ -16,14 +16,13 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from waiting import waiter  # noqa: E402
 
 from livemig.cli.inspect import main
 from livemig.control.vm_controller import VMController
@@ -39,12 +38,7 @@ REGION = 2 * GiB
 OFFSET_MSG = re.compile(r"offset 0x[0-9a-f]+: \S")
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+wait_for = waiter(30.0, step=0.02)
 
 
 def run_main(*args: str) -> tuple[int, str, str]:

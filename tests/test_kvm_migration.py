@@ -10,7 +10,7 @@ of base RAM, a 128 MiB virtio-mem region below 4 GiB) so a pass takes tens of ms
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,8 @@ from livemig.accel.kvm import kvm_available
 _why = kvm_available()
 if _why is not None:
     pytest.skip(f"KVM not usable here ({_why})", allow_module_level=True)
+
+from waiting import waiter  # noqa: E402
 
 from livemig.accel.kvm import guest_program as gp  # noqa: E402
 from livemig.accel.kvm.accel import GENERAL_REGS, KvmLayoutError  # noqa: E402
@@ -50,12 +52,7 @@ def kvm_machine(incoming: bool = False, dirty_rate: int = -1, **wl: int) -> Mach
     )
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+wait_for = waiter(30.0, step=0.005)
 
 
 def heartbeat(m: Machine) -> int:

@@ -16,12 +16,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from waiting import waiter  # noqa: E402
 
 from livemig.accel.kvm import kvm_available
 from livemig.control.qmp_server import QMPError
@@ -36,12 +36,7 @@ MiB, GiB = 1 << 20, 1 << 30
 REGION = 8 * GiB
 
 
-def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+wait_for = waiter(60.0, step=0.02)
 
 
 def source(accel: str, plugged: int, region: int = REGION, working_set: int = 0, backend: str = "memfd") -> Machine:

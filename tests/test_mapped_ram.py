@@ -15,13 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from waiting import waiter  # noqa: E402
 
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
@@ -39,12 +39,7 @@ MiB, GiB = 1 << 20, 1 << 30
 METADATA = 1 * MiB  # bitmaps (256 KiB for 8 GiB), headers, device state, VMDESCRIPTION
 
 
-def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+wait_for = waiter(60.0)
 
 
 def machine(region: int, incoming: bool = False, dirty_rate: int = 0, accel: str = "soft") -> Machine:

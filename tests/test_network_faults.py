@@ -35,6 +35,7 @@ import netns
 import pytest
 from peek_sockets import TcpSocket, connected_tcp_sockets, descendants
 from vm_processes import VmProcess
+from waiting import waiter  # noqa: E402
 
 from livemig.control.qmp_client import QMPClient
 from livemig.migration.channels import DEFAULT_TCP_USER_TIMEOUT_MS
@@ -159,14 +160,7 @@ def hosts(tmp_path: Path, link: netns.Link) -> Iterator[MakeHost]:
         close_all(*made)
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.02) -> float:
-    """Poll ``cond``; the seconds it took."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
-    return time.monotonic() - t0
+wait_until = waiter(step=0.02)  # (cond, timeout, what) -> the seconds it took
 
 
 def migration_sockets(*pids: int) -> list[TcpSocket]:
@@ -590,6 +584,21 @@ def postcopy_in_flight(hosts: MakeHost, port: int, push: int, *dst_args: str,
     return src, dst
 
 
+def recover_once_and_complete(src: Host, dst: Host, port: int) -> None:
+    """Both paused: ``migrate-recover`` and ``migrate {resume}`` on ``port``, the push at
+    full speed, completed after exactly one pause on each side."""
+    uri = f"tcp:{dst.addr}:{port}"
+    dst("migrate-recover", uri=uri)
+    src("migrate", uri=uri, resume=True)
+    wait_until(lambda: src.status() == dst.status() == "postcopy-active", 15, "postcopy-active again")
+    src.params(max_postcopy_bandwidth=0)
+    wait_until(lambda: src.status() == dst.status() == "completed", 60, "completed")
+    assert src.info()["ram"]["postcopy-recoveries"] == 1
+    for h in (src, dst):
+        states = migration_events(h)
+        assert states.count("postcopy-paused") == 1 and states[-1] == "completed", states
+
+
 @pytest.mark.skipif(postcopy_uffd.available() is not None, reason="no userfaultfd")
 @pytest.mark.timeout(180)
 def test_postcopy_pauses_both_sides_when_the_destination_process_is_stopped(
@@ -609,16 +618,7 @@ def test_postcopy_pauses_both_sides_when_the_destination_process_is_stopped(
     dst.sigcont()
     wait_until(lambda: dst.status() == "postcopy-paused", 10, "the destination to pause")
     print(f"source paused {took:.2f} s after SIGSTOP: {err}", flush=True)
-    uri = f"tcp:{dst.addr}:4471"
-    dst("migrate-recover", uri=uri)
-    src("migrate", uri=uri, resume=True)
-    wait_until(lambda: src.status() == dst.status() == "postcopy-active", 15, "postcopy-active again")
-    src.params(max_postcopy_bandwidth=0)
-    wait_until(lambda: src.status() == dst.status() == "completed", 60, "completed")
-    assert src.info()["ram"]["postcopy-recoveries"] == 1
-    for h in (src, dst):
-        states = migration_events(h)
-        assert states.count("postcopy-paused") == 1 and states[-1] == "completed", states
+    recover_once_and_complete(src, dst, 4471)
     assert src.checksum() == dst.checksum()
     dst("cont")
     assert dst.runstate() == "running"
@@ -645,16 +645,7 @@ def test_postcopy_destination_pauses_when_the_source_process_is_stopped(hosts: M
     assert took >= 3.5, took  # the user timeout (4 s), not a reset
     src.sigcont()
     wait_until(lambda: src.status() == "postcopy-paused", 10, "the source to pause")
-    uri = f"tcp:{dst.addr}:{4477 + 2 * preempt}"
-    dst("migrate-recover", uri=uri)
-    src("migrate", uri=uri, resume=True)
-    wait_until(lambda: src.status() == dst.status() == "postcopy-active", 15, "postcopy-active again")
-    src.params(max_postcopy_bandwidth=0)
-    wait_until(lambda: src.status() == dst.status() == "completed", 60, "completed")
-    assert src.info()["ram"]["postcopy-recoveries"] == 1
-    for h in (src, dst):
-        states = migration_events(h)
-        assert states.count("postcopy-paused") == 1 and states[-1] == "completed", states
+    recover_once_and_complete(src, dst, 4477 + 2 * preempt)
     # the guest ran on the destination all along, so the two memories differ by its
     # writes: check instead that every page arrived and the guest went on writing
     ram = dst.info()["ram"]

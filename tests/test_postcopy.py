@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from waiting import wait_for  # noqa: E402
 
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
@@ -40,14 +41,6 @@ MiB, GiB = 1 << 20, 1 << 30
 PLUGGED = 160 * MiB
 
 pytestmark = pytest.mark.skipif(postcopy_uffd.available() is not None, reason="no userfaultfd")
-
-
-def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def make(incoming: bool, backend: str = "memfd") -> Machine:

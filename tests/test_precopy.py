@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import waiter  # noqa: E402
 
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
@@ -30,12 +31,7 @@ def machine(incoming: bool, dirty_rate: int = 16 * MiB, prefill: bool = True, co
     )
 
 
-def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+wait_for = waiter(30.0, step=0.02)
 
 
 def boot(m: Machine, plugged: int) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_for  # noqa: E402
 
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
@@ -58,14 +59,6 @@ def machine(incoming: bool, backend: str = "memfd", dirty_rate: int = -1, prefil
             workload=WorkloadConfig(vcpus=vcpus, dirty_rate=dirty_rate, content="mixed", prefill=prefill),
         )
     )
-
-
-def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def boot(m: Machine, plugged: int, then: int | None = None) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import waiter  # noqa: E402
 
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
@@ -72,12 +73,7 @@ def machine(incoming: bool, dirty_rate: int = 4 * MiB) -> Machine:
     )
 
 
-def wait_for(cond, timeout: float = TIMEOUT, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+wait_for = waiter(TIMEOUT)
 
 
 def boot(m: Machine, plugged: int = 32 * MiB) -> None:

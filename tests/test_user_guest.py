@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ if _why is not None:
     pytest.skip(f"KVM not usable here ({_why})", allow_module_level=True)
 
 from guest_build import build  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 from livemig.control.hmp import parse_registers  # noqa: E402
 from livemig.control.vm_controller import VMController  # noqa: E402
@@ -70,14 +71,6 @@ def machine(tmp_path: Path, name: str, incoming: bool = False, **cfg: Any) -> Ma
 
 def serial(tmp_path: Path, name: str) -> str:
     return (tmp_path / f"{name}.out").read_bytes().decode(errors="replace")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def sweeps(text: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from livemig.cli.errors import EXIT_FAILED, EXIT_USAGE, CLIError, open_qmp, qmp_call
@@ -15,12 +16,26 @@ from livemig.cli.stats import migration_rows, section
 QMP_HELP = "the VM's QMP address: unix:PATH (or a plain path) or tcp:HOST:PORT"
 
 
+def qmp_subcommand(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str,
+                   description: str, operand: tuple[str, str] | None = None,
+                   json_help: str = "print query-migrate as JSON") -> argparse.ArgumentParser:
+    """A subcommand that drives a running VM through its QMP socket: ``--qmp ADDRESS``
+    (required), an optional positional ``operand`` (name, help) and ``--json``, the same
+    way for every such command; the caller adds its own options to the parser returned."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--qmp", required=True, metavar="ADDRESS", help=QMP_HELP)
+    if operand is not None:
+        p.add_argument(operand[0], help=operand[1])
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(func=func)
+    return p
+
+
 def add_parsers(sub: Any) -> None:
-    mig = sub.add_parser("migrate", help="migrate a running VM (via its QMP socket)",
+    mig = qmp_subcommand(sub, "migrate", cmd_migrate, help="migrate a running VM (via its QMP socket)",
                          description="Migrate a running VM to URI with a progress bar; "
-                         "Ctrl-C asks the VM to cancel the migration.")
-    mig.add_argument("--qmp", required=True, metavar="ADDRESS", help=QMP_HELP)
-    mig.add_argument("uri", help="where to: tcp:HOST:PORT, unix:PATH or file:PATH")
+                         "Ctrl-C asks the VM to cancel the migration.",
+                         operand=("uri", "where to: tcp:HOST:PORT, unix:PATH or file:PATH"))
     mig.add_argument("--max-bandwidth", type=size_mib, metavar="RATE",
                      help="bytes per second, e.g. 100M; a bare number is MiB/s, as in QEMU's "
                      "migrate_set_parameter (0: unlimited)")
@@ -35,14 +50,10 @@ def add_parsers(sub: Any) -> None:
     mig.add_argument("--cpr", metavar="unix:PATH",
                      help="cpr-transfer to a new process on this host: its cpr channel "
                      "(docs/local-update.md)")
-    mig.add_argument("--json", action="store_true", help="print query-migrate as JSON")
-    mig.set_defaults(func=cmd_migrate)
-    info = sub.add_parser("info", help="show a VM's state (via its QMP socket)",
-                          description="Show a VM's run state, memory devices, RAM "
-                          "allocation and migration, each under the QMP command it comes from.")
-    info.add_argument("--qmp", required=True, metavar="ADDRESS", help=QMP_HELP)
-    info.add_argument("--json", action="store_true", help="print the QMP replies as JSON")
-    info.set_defaults(func=cmd_info)
+    qmp_subcommand(sub, "info", cmd_info, help="show a VM's state (via its QMP socket)",
+                   description="Show a VM's run state, memory devices, RAM allocation and "
+                   "migration, each under the QMP command it comes from.",
+                   json_help="print the QMP replies as JSON")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from livemig.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, CLIError, open_qmp, qmp_call
-from livemig.cli.migrate import QMP_HELP
+from livemig.cli.migrate import qmp_subcommand
 from livemig.cli.progress import cancel_after_interrupt, follow_migration, follow_restore
 from livemig.cli.stats import migration_rows, section
 from livemig.control.qmp_client import QMPClient, QMPClientError, QMPConnectError
@@ -37,20 +37,14 @@ def target_uri(text: str) -> str:
 
 
 def add_parsers(sub: Any) -> None:
-    snap = sub.add_parser("snapshot", help="save a running VM to a file while it keeps running",
-                          description="Save a running VM to a file while it keeps running "
-                          "(background-snapshot); Ctrl-C asks the VM to cancel.")
-    snap.add_argument("--qmp", required=True, metavar="ADDRESS", help=QMP_HELP)
-    snap.add_argument("target", help="file to write (or a tcp:/unix:/file: URI)")
-    snap.add_argument("--json", action="store_true", help="print query-migrate as JSON")
-    snap.set_defaults(func=cmd_snapshot)
-    rest = sub.add_parser("restore", help="load a snapshot file into a VM started with --incoming defer",
-                          description="Load a snapshot file into a VM started with "
-                          "livemig vm --incoming defer.")
-    rest.add_argument("--qmp", required=True, metavar="ADDRESS", help=QMP_HELP)
-    rest.add_argument("source", help="snapshot file (or a file:/tcp:/unix: URI)")
-    rest.add_argument("--json", action="store_true", help="print query-migrate as JSON")
-    rest.set_defaults(func=cmd_restore)
+    qmp_subcommand(sub, "snapshot", cmd_snapshot, help="save a running VM to a file while it keeps running",
+                   description="Save a running VM to a file while it keeps running "
+                   "(background-snapshot); Ctrl-C asks the VM to cancel.",
+                   operand=("target", "file to write (or a tcp:/unix:/file: URI)"))
+    qmp_subcommand(sub, "restore", cmd_restore,
+                   help="load a snapshot file into a VM started with --incoming defer",
+                   description="Load a snapshot file into a VM started with livemig vm --incoming defer.",
+                   operand=("source", "snapshot file (or a file:/tcp:/unix: URI)"))
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
