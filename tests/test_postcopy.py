@@ -569,7 +569,7 @@ def test_fault_handler_reports_a_source_that_answers_nothing() -> None:
         assert events.was_lost.wait(10), "a silent source was not reported"
         took = time.monotonic() - quiet
         assert 0.5 <= took < 3.0, took
-        assert "answered no page request for 0.6 s" in events.lost[0], events.lost
+        assert "a page request waited 0.6 s with nothing from the source" in events.lost[0], events.lost
         time.sleep(1.0)
         assert len(events.lost) == 1, events.lost  # once per link, until it is set again
 

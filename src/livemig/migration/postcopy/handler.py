@@ -295,8 +295,10 @@ class Handler:
         if now - self._last_sign < self.stall or now - min(self.pending.values()) < self.stall:
             return
         self._watching = False
-        self._lost(f"Connection timed out: the source answered no page request for {self.stall:g} s "
-                   "and sent nothing meanwhile (x-tcp-user-timeout): it is stopped or frozen")
+        # the same words as a silent socket's (SILENT_PEER): from here, a silent link and
+        # a stopped source look alike, and the way out (migrate-recover) is the same
+        self._lost(f"Connection timed out: the link or the source went silent, or the source is stopped: "
+                   f"a page request waited {self.stall:g} s with nothing from the source (x-tcp-user-timeout)")
 
     # -- the postcopy channel ---------------------------------------------------------------------
     def set_channel(self, fd: int | None) -> None:
