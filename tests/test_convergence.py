@@ -14,13 +14,15 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from test_precopy import wait_for
+from waiting import waiter
 
 from livemig.accel.kvm import kvm_available
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
+
+wait_for = waiter(30.0, step=0.02)
 
 MiB = 1 << 20
 RATE = 128 * MiB

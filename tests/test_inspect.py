@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from waiting import waiter  # noqa: E402
+from waiting import waiter
 
 from livemig.cli.inspect import main
 from livemig.control.vm_controller import VMController

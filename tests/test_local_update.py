@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from waiting import waiter  # noqa: E402
+from waiting import waiter
 
 from livemig.accel.kvm import kvm_available
 from livemig.control.qmp_server import QMPError

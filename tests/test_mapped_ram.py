@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from waiting import waiter  # noqa: E402
+from waiting import waiter
 
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController

@@ -35,7 +35,7 @@ import netns
 import pytest
 from peek_sockets import TcpSocket, connected_tcp_sockets, descendants
 from vm_processes import VmProcess
-from waiting import waiter  # noqa: E402
+from waiting import waiter
 
 from livemig.control.qmp_client import QMPClient
 from livemig.migration.channels import DEFAULT_TCP_USER_TIMEOUT_MS

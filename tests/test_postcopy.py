@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from waiting import wait_for  # noqa: E402
+from waiting import wait_for
 
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from waiting import waiter  # noqa: E402
+from waiting import waiter
 
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig

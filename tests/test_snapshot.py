@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from waiting import wait_for  # noqa: E402
+from waiting import wait_for
 
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController

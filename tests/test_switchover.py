@@ -10,13 +10,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_precopy import wait_for
+from waiting import waiter
 
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
 from livemig.guest.workload import WorkloadConfig
 from livemig.machine import Machine, MachineConfig, VirtioMemConfig
 from livemig.migration.dirtyrate import BLOCKER
+
+wait_for = waiter(30.0, step=0.02)
 
 MiB, GiB = 1 << 20, 1 << 30
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from waiting import waiter  # noqa: E402
+from waiting import waiter
 
 from livemig.control.qmp_server import QMPError
 from livemig.control.vm_controller import VMController
